@@ -1,0 +1,45 @@
+# The two commands a fresh machine needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+GATEWAY_CONFIG ?= config.example.json
+GATEWAY_PORT ?= 3333
+WORKER_PORT ?= 8000
+
+.PHONY: install run gateway worker test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt requirements-worker.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt -r requirements-worker.txt
+	touch $@
+
+## Worker on the built-in demo model + gateway on config.example.json; Ctrl-C stops both.
+run: $(STAMP)
+	GATEWAY_CONFIG=$(GATEWAY_CONFIG) GATEWAY_PORT=$(GATEWAY_PORT) WORKER_PORT=$(WORKER_PORT) \
+		bash scripts/run-stack.sh
+
+## The gateway alone.
+gateway: $(STAMP)
+	$(BIN)/python -m gateway --config $(GATEWAY_CONFIG) --port $(GATEWAY_PORT)
+
+## The worker alone, on the demo model.
+worker: $(STAMP)
+	$(BIN)/python -m worker --model demo --port $(WORKER_PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
