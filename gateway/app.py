@@ -1,0 +1,80 @@
+"""build_app(): wiring only — state, routes, middlewares, startup and cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.cors import add_cors_headers, cors_middleware
+from gateway.handlers import admin, openai
+from gateway.logs import configure_logging
+from gateway.metrics import Metrics
+from gateway.observe import access_middleware, add_request_id
+from gateway.redact import Redactor
+from gateway.reload import ConfigStore, ReloadOutcome, run_watcher
+from gateway.routing import Snapshot
+from gateway.state import METRICS, REDACTOR, SESSION, SETTINGS, STORE, Settings
+from gateway.upstream import make_session
+from wire.errors import error_middleware
+
+
+def build_app(
+    config_path: str | Path,
+    settings: Settings | None = None,
+    *,
+    watch: bool = True,
+    configure_logs: bool = True,
+) -> web.Application:
+    """The gateway application. Raises ConfigError if the file cannot be used."""
+    settings = settings or Settings()
+    store = ConfigStore(config_path)
+    metrics = Metrics(store.current.routes)
+    redactor = Redactor(store.current.secrets())
+    if settings.admin_key:
+        redactor.add([settings.admin_key])
+    if configure_logs:
+        configure_logging(redactor)
+
+    def on_reload(outcome: ReloadOutcome, snapshot: Snapshot) -> None:
+        metrics.reloads.labels("ok" if outcome.ok else "error", outcome.trigger).inc()
+        if outcome.ok:
+            redactor.add(snapshot.secrets())
+            metrics.set_models(snapshot.routes)
+
+    store.subscribe(on_reload)
+
+    app = web.Application(
+        middlewares=[access_middleware(metrics), cors_middleware, error_middleware],
+        # The proxy reads bodies itself against the config's maxRequestBytes.
+        client_max_size=2**63,
+    )
+    app[STORE] = store
+    app[METRICS] = metrics
+    app[REDACTOR] = redactor
+    app[SETTINGS] = settings
+    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(add_cors_headers)
+    app.cleanup_ctx.append(_client_session)
+    if watch:
+        app.cleanup_ctx.append(_config_watcher)
+    admin.add_routes(app)
+    openai.add_routes(app)
+    return app
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    async with make_session() as session:
+        app[SESSION] = session
+        yield
+
+
+async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(run_watcher(app[STORE]))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

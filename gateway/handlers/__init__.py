@@ -1,0 +1,1 @@
+"""HTTP handlers: the OpenAI API surface and the operator endpoints."""

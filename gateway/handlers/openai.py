@@ -1,0 +1,245 @@
+"""The OpenAI API surface: model listing, and model-addressed requests proxied to a backend."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from gateway.multipart import boundary_of, replace_model_field
+from gateway.observe import record_of
+from gateway.relay import relay
+from gateway.rewrite import dumps
+from gateway.routing import Route, Snapshot
+from gateway.state import REDACTOR, SESSION, STORE
+from gateway.upstream import Deadline, UpstreamError, forward_headers, send, upstream_url
+from wire.errors import INVALID_REQUEST, UPSTREAM_ERROR, APIError
+
+# Routes with a name of their own in metrics; any other path is "passthrough".
+NAMED_ROUTES = {
+    "chat/completions": "chat.completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+}
+_STARTED = int(time.time())
+
+
+def _model_card(route: Route) -> dict[str, Any]:
+    return {
+        "id": route.public_id,
+        "object": "model",
+        "created": _STARTED,
+        "owned_by": "gateway",
+        "name": route.display_name,
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """Answered from memory: UIs call this on every page load and must never wait on a backend."""
+    record_of(request).route = "models"
+    snapshot = request.app[STORE].current
+    data = [_model_card(route) for route in snapshot.routes.values()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    record_of(request).route = "models"
+    model_id = request.match_info["model_id"]
+    route = request.app[STORE].current.resolve(model_id)
+    if route is None:
+        raise _unknown_model(model_id, request.app[STORE].current)
+    return web.json_response(_model_card(route))
+
+
+def _unknown_model(model: str, snapshot: Snapshot) -> APIError:
+    available = ", ".join(snapshot.routes) or "(none)"
+    return APIError(
+        404,
+        f"The model '{model}' does not exist. Available models: {available}.",
+        INVALID_REQUEST,
+        "model",
+        "model_not_found",
+    )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    too_large = APIError(
+        413,
+        f"Request body is larger than the gateway's limit of {limit} bytes (maxRequestBytes).",
+        INVALID_REQUEST,
+        None,
+        "request_too_large",
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _checked_tail(request: web.Request) -> str:
+    """The raw path below the API root, refusing anything that could climb out of the
+    backend's base URL (`..`, encoded `%2e%2e` or `%2f`, empty segments)."""
+    raw = request.rel_url.raw_path
+    tail = raw[len("/v1/") :] if raw.startswith("/v1/") else raw.lstrip("/")
+    for segment in tail.split("/"):
+        decoded = unquote(segment)
+        if decoded in ("", ".", "..") or "/" in decoded or "\\" in decoded:
+            raise APIError(
+                400,
+                f"Invalid request path '{request.path}'.",
+                INVALID_REQUEST,
+                None,
+                "invalid_path",
+            )
+    return tail
+
+
+class _Body:
+    """The request body with its `model` found, ready to be rewritten for a route."""
+
+    def __init__(self, request: web.Request, raw: bytes) -> None:
+        self.raw = raw
+        self.content_type = request.headers.get("Content-Type", "")
+        self._boundary = (
+            boundary_of(self.content_type)
+            if self.content_type.lower().startswith("multipart/form-data")
+            else None
+        )
+        self.payload: dict[str, Any] | None = None
+        self.model = self._find_model()
+
+    def _find_model(self) -> str:
+        if self._boundary is not None:
+            model, _ = replace_model_field(self.raw, self._boundary, None)
+            if model is None:
+                raise _missing_model()
+            return model
+        if not self.raw.strip():
+            raise _missing_model()
+        try:
+            payload = json.loads(self.raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(
+                400,
+                f"We could not parse the JSON body of your request ({exc}). "
+                "The body must be a JSON object.",
+                INVALID_REQUEST,
+                None,
+                "invalid_json",
+            ) from None
+        if not isinstance(payload, dict):
+            raise APIError(
+                400,
+                "The request body must be a JSON object.",
+                INVALID_REQUEST,
+                None,
+                "invalid_json",
+            )
+        model = payload.get("model")
+        if model is None:
+            raise _missing_model()
+        if not isinstance(model, str) or not model:
+            raise APIError(
+                400,
+                "'model' must be a non-empty string.",
+                INVALID_REQUEST,
+                "model",
+                "invalid_model",
+            )
+        self.payload = payload
+        return model
+
+    def for_route(self, route: Route) -> bytes:
+        if self._boundary is not None:
+            return replace_model_field(self.raw, self._boundary, route.upstream_model)[1]
+        assert self.payload is not None
+        if route.upstream_model == self.model:
+            return self.raw
+        return dumps({**self.payload, "model": route.upstream_model})
+
+
+def _missing_model() -> APIError:
+    return APIError(
+        400,
+        "You must provide a model parameter: the gateway routes each request by its 'model'.",
+        INVALID_REQUEST,
+        "model",
+        "missing_model",
+    )
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """Any model-addressed request: route by `model`, rewrite it, forward, relay the answer."""
+    record = record_of(request)
+    tail = _checked_tail(request)
+    record.route = NAMED_ROUTES.get(tail, "passthrough")
+    snapshot = request.app[STORE].current  # kept for the whole request, whatever reloads
+    raw = await _read_body(request, snapshot.config.max_request_bytes)
+    body = _Body(request, raw)
+    route = snapshot.resolve(body.model)
+    if route is None:
+        raise _unknown_model(body.model, snapshot)
+    record.model = route.public_id
+    record.backend = route.backend
+    record.upstream_model = route.upstream_model
+
+    headers = forward_headers(request.headers, route, record.request_id)
+    if body.payload is not None and "Content-Type" not in headers:
+        headers["Content-Type"] = "application/json"
+    deadline = Deadline(route.timeouts, record.started)
+    url = upstream_url(route, tail, request.rel_url.raw_query_string)
+    try:
+        upstream = await send(
+            request.app[SESSION],
+            route,
+            request.method,
+            url,
+            headers,
+            body.for_route(route),
+            deadline,
+        )
+    except UpstreamError as exc:
+        record.error = exc.kind
+        raise APIError(exc.status, exc.message, UPSTREAM_ERROR, None, exc.kind) from None
+
+    completed = False
+    try:
+        response = await relay(request, upstream, route, record, deadline, request.app[REDACTOR])
+        completed = record.error is None
+        return response
+    except UpstreamError as exc:
+        record.error = exc.kind
+        raise APIError(exc.status, exc.message, UPSTREAM_ERROR, None, exc.kind) from None
+    finally:
+        # A body not read to its end (client gone, backend failed) must close the connection:
+        # that is what tells the backend to stop generating.
+        if completed:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+async def proxy_unprefixed(request: web.Request) -> web.StreamResponse:
+    """Paths without `/v1`: only methods that carry a body are proxied, so that a stray GET
+    (a browser's /favicon.ico) is a plain 404 rather than a complaint about a missing model."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        raise web.HTTPNotFound()
+    return await proxy(request)
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in ("/v1", ""):
+        app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(f"{prefix}/models/{{model_id:.+}}", get_model)
+        for tail in NAMED_ROUTES:
+            app.router.add_post(f"{prefix}/{tail}", proxy)
+    # Everything else goes to the backend that owns the body's model.
+    app.router.add_route("*", "/v1/{tail:.+}", proxy)
+    app.router.add_route("*", "/{tail:.+}", proxy_unprefixed)

@@ -1,0 +1,145 @@
+"""The current config snapshot: atomic swap on reload, from the API, a file change or SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from watchfiles import awatch
+
+from gateway.config import ConfigError, load_config
+from gateway.routing import Snapshot
+
+log = structlog.get_logger("gateway.reload")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    trigger: str  # api, file, sighup
+    ok: bool
+    at: float
+    version: int
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "trigger": self.trigger,
+            "ok": self.ok,
+            "at": self.at,
+            "version": self.version,
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
+            "errors": self.errors,
+        }
+
+
+Listener = Callable[[ReloadOutcome, Snapshot], None]
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class ConfigStore:
+    """Holds the one current Snapshot. Requests take a reference to it once and keep it,
+    so a reload never changes the config under a request that already started."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._digest = _digest(self.path)
+        self.current = Snapshot(load_config(self.path), str(self.path), version=1)
+        self.last_reload: ReloadOutcome | None = None
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        """Called after every reload attempt, successful or not."""
+        self._listeners.append(listener)
+
+    def reload(self, trigger: str) -> ReloadOutcome:
+        """Validate the file fully, then swap; a broken file leaves the current config serving."""
+        old = self.current
+        digest = _digest(self.path)
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            outcome = ReloadOutcome(trigger, False, time.time(), old.version, errors=exc.errors)
+        else:
+            new = Snapshot(config, str(self.path), version=old.version + 1)
+            old_endpoints = old.config.endpoints
+            new_endpoints = config.endpoints
+            outcome = ReloadOutcome(
+                trigger,
+                True,
+                time.time(),
+                new.version,
+                added=[m for m in new_endpoints if m not in old_endpoints],
+                removed=[m for m in old_endpoints if m not in new_endpoints],
+                changed=[
+                    m
+                    for m in new_endpoints
+                    if m in old_endpoints
+                    and (
+                        new_endpoints[m] != old_endpoints[m]
+                        or config.timeouts != old.config.timeouts
+                    )
+                ],
+            )
+            self.current = new
+        self._digest = digest
+        self.last_reload = outcome
+        for listener in self._listeners:
+            listener(outcome, self.current)
+        if outcome.ok:
+            log.info(
+                "config reloaded",
+                trigger=trigger,
+                version=outcome.version,
+                added=outcome.added,
+                removed=outcome.removed,
+                changed=outcome.changed,
+            )
+        else:
+            log.error(
+                "config reload rejected; previous config keeps serving",
+                trigger=trigger,
+                errors=outcome.errors,
+            )
+        return outcome
+
+    def changed_on_disk(self) -> bool:
+        return _digest(self.path) != self._digest
+
+
+async def watch_config(store: ConfigStore, debounce_ms: int = 300) -> None:
+    """Reload when the file's content changes. The folder is watched, not the file, because
+    editors and Kubernetes ConfigMaps replace files by renaming."""
+    folder = store.path.resolve().parent
+    async for _changes in awatch(folder, debounce=debounce_ms, recursive=False, step=50):
+        if store.changed_on_disk():
+            store.reload("file")
+
+
+async def run_watcher(store: ConfigStore) -> None:
+    """The watcher task: logs and keeps going rather than dying silently."""
+    while True:
+        try:
+            await watch_config(store)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("config file watcher failed; restarting in 5 s")
+            await asyncio.sleep(5)

@@ -1,0 +1,50 @@
+"""Running the app on a socket: the runner settings shared by the CLI and the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from aiohttp import web
+
+from gateway.state import STORE
+
+log = structlog.get_logger("gateway.server")
+
+
+async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving; the bound port is in `runner.addresses`."""
+    # handler_cancellation: a client that goes away cancels its handler, which closes the
+    # backend connection, which stops the backend generating for nobody.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=30)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    return runner.addresses[0][1]
+
+
+async def serve_forever(app: web.Application, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM; SIGHUP reloads the config."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: app[STORE].reload("sighup"))
+    runner = await start(app, host, port)
+    log.info(
+        "gateway listening",
+        host=host,
+        port=bound_port(runner),
+        models=list(app[STORE].current.routes),
+        config=str(app[STORE].path),
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway stopping")
+        await runner.cleanup()

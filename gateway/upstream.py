@@ -1,0 +1,216 @@
+"""Backends: the one pooled client session, the request sent to a backend, and its timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.config import Timeouts
+from gateway.routing import Route
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# The client's credentials belong to the gateway, never to a backend; the rest the gateway
+# or aiohttp sets itself.
+_NOT_FORWARDED_TO_BACKEND = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "content-length",
+    "accept-encoding",
+    "x-request-id",
+    "origin",
+    "referer",
+}
+# aiohttp decompresses and re-frames the body; our own middlewares set the request id.
+_NOT_RETURNED_TO_CLIENT = HOP_BY_HOP | {
+    "content-length",
+    "content-encoding",
+    "date",
+    "server",
+    "x-request-id",
+    "set-cookie",
+}
+
+
+class UpstreamError(Exception):
+    """A backend failure; `kind` labels metrics, `status` is what the client gets before bytes."""
+
+    def __init__(self, kind: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.message = message
+
+
+def make_session() -> aiohttp.ClientSession:
+    """The process's one client session: pooled keep-alive connections to every backend."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=60)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=True,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def _connection_listed(headers: Mapping[str, str]) -> set[str]:
+    listed = headers.get("connection", "")
+    return {name.strip().lower() for name in listed.split(",") if name.strip()}
+
+
+def forward_headers(
+    client: CIMultiDictProxy[str], route: Route, request_id: str
+) -> CIMultiDict[str]:
+    dropped = _NOT_FORWARDED_TO_BACKEND | _connection_listed(client)
+    headers = CIMultiDict((k, v) for k, v in client.items() if k.lower() not in dropped)
+    headers.update(route.headers)
+    if route.api_key:
+        headers["Authorization"] = f"Bearer {route.api_key}"
+    headers["X-Request-ID"] = request_id
+    return headers
+
+
+def returned_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    dropped = _NOT_RETURNED_TO_CLIENT | _connection_listed(upstream)
+    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in dropped)
+
+
+def upstream_url(route: Route, raw_tail: str, raw_query: str) -> URL:
+    """The backend URL for a client path below `/v1`, already checked by `checked_tail`."""
+    url = f"{route.base_url}/{raw_tail}"
+    if raw_query:
+        url = f"{url}?{raw_query}"
+    return URL(url, encoded=True)
+
+
+@dataclass(slots=True)
+class Deadline:
+    """The per-request clock: idle gaps between reads, and an optional total budget."""
+
+    timeouts: Timeouts
+    started: float
+
+    def remaining_total(self) -> float | None:
+        if self.timeouts.total is None:
+            return None
+        return self.timeouts.total - (time.monotonic() - self.started)
+
+    def limit(self, step: float | None) -> float | None:
+        total = self.remaining_total()
+        if total is None:
+            return step
+        return max(0.0, total if step is None else min(step, total))
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    route: Route,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    body: bytes,
+    deadline: Deadline,
+) -> aiohttp.ClientResponse:
+    """Send the request and wait for the backend's status line and headers."""
+    timeouts = route.timeouts
+    client_timeout = aiohttp.ClientTimeout(
+        total=None, connect=timeouts.connect, sock_connect=timeouts.connect
+    )
+    try:
+        async with asyncio.timeout(deadline.limit(timeouts.first_byte)):
+            return await session.request(
+                method,
+                url,
+                data=body if body else None,
+                headers=headers,
+                timeout=client_timeout,
+                allow_redirects=False,
+            )
+    # Before TimeoutError: aiohttp's connect timeout is a subclass of it.
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamError(
+            "timeout_connect",
+            504,
+            f"backend for model '{route.public_id}' ({route.backend}) did not accept a "
+            f"connection within {timeouts.connect:g} s",
+        ) from None
+    except TimeoutError:
+        raise UpstreamError(
+            "timeout_first_byte",
+            504,
+            f"backend for model '{route.public_id}' sent no response within "
+            f"{deadline.limit(timeouts.first_byte) or timeouts.first_byte:g} s",
+        ) from None
+    except aiohttp.ClientConnectorError as exc:
+        reason = (
+            exc.os_error.strerror if exc.os_error and exc.os_error.strerror else "cannot connect"
+        )
+        raise UpstreamError(
+            "refused",
+            502,
+            f"backend for model '{route.public_id}' ({route.backend}) is unreachable: {reason}",
+        ) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError(
+            "bad_response",
+            502,
+            f"backend for model '{route.public_id}' ({route.backend}) failed before "
+            f"responding: {exc.__class__.__name__}",
+        ) from None
+
+
+async def read_chunks(
+    response: aiohttp.ClientResponse, route: Route, deadline: Deadline
+) -> AsyncIterator[bytes]:
+    """The body as it arrives, failing with UpstreamError on idle gaps, total time or death."""
+    idle = route.timeouts.idle
+    while True:
+        try:
+            async with asyncio.timeout(deadline.limit(idle)):
+                chunk = await response.content.readany()
+        except TimeoutError:
+            total = deadline.remaining_total()
+            if total is not None and total <= 0:
+                raise UpstreamError(
+                    "timeout_total",
+                    504,
+                    f"backend for model '{route.public_id}' exceeded the total timeout "
+                    f"of {route.timeouts.total:g} s",
+                ) from None
+            raise UpstreamError(
+                "timeout_idle",
+                504,
+                f"backend for model '{route.public_id}' sent nothing for {idle:g} s",
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(
+                "died",
+                502,
+                f"backend for model '{route.public_id}' ({route.backend}) closed the connection "
+                f"before the response was complete ({exc.__class__.__name__})",
+            ) from None
+        if not chunk:
+            return
+        yield chunk
