@@ -88,6 +88,8 @@ def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
     SSE spec says and re-emitted as one line. Events that are not JSON pass byte for byte.
     """
     lines = event.splitlines()
+    while lines and not lines[-1]:  # the blank line that ends the event
+        lines.pop()
     data_parts = [line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:")]
     if not data_parts:
         return RewrittenEvent(event, None, False)
