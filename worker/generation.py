@@ -1,0 +1,67 @@
+"""One choice's text stream: engine tokens through the detokenizer and the stop strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from worker.detokenize import IncrementalDetokenizer, StopFilter
+from worker.engine import Engine, Generation
+from worker.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+class TextStream:
+    """Text deltas of one request. Created admitted (see `Engine.generate`); always aclose()."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stops: list[str],
+    ) -> None:
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._tokens: Generation = engine.generate(prompt_ids, params)
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stop = StopFilter(stops)
+
+    def __aiter__(self) -> TextStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        while self.finish_reason is None:
+            step = await anext(self._tokens)
+            self.completion_tokens += len(step.token_ids)
+            text = self._stop.feed(self._detok.push(step.token_ids))
+            if not self._stop.stopped and step.finish_reason:
+                text += self._stop.feed(self._detok.flush())
+                text += self._stop.flush()
+            if self._stop.stopped:
+                self.finish_reason = "stop"
+                # Stop here and now: closing the token stream cancels the rest in the engine.
+                await self._tokens.aclose()
+            elif step.finish_reason:
+                self.finish_reason = step.finish_reason
+            if text or self.finish_reason:
+                return Delta(text, self.finish_reason, self.completion_tokens)
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        await self._tokens.aclose()
+
+    async def collect(self) -> str:
+        """The whole text (non-streaming responses); closes the stream."""
+        try:
+            return "".join([d.text async for d in self])
+        finally:
+            await self.aclose()

@@ -1,0 +1,76 @@
+"""Helpers every handler uses: JSON bodies, schema errors, readiness and model checks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from wire.errors import INVALID_REQUEST, SERVER_ERROR, APIError
+from worker.protocol import Unsupported
+from worker.state import STATE, WorkerState
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"The body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def parse(schema: type[M], body: dict[str, Any]) -> M:
+    """Validate `body`; the first problem becomes a 400 naming the parameter."""
+    try:
+        parsed = schema.model_validate(body)
+        check = getattr(parsed, "check_supported", None)
+        if check is not None:
+            check()
+        return parsed
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        message = err["msg"].removeprefix("Value error, ")
+        raise APIError(
+            400, f"{param}: {message}" if param else message, INVALID_REQUEST, param
+        ) from None
+    except Unsupported as exc:
+        raise APIError(400, str(exc), INVALID_REQUEST, exc.param, "unsupported_parameter") from None
+
+
+def ready_state(request: web.Request) -> WorkerState:
+    """The state, once the model is loaded; a 503 with Retry-After until then."""
+    state = request.app[STATE]
+    if state.status == "loading":
+        raise APIError(
+            503,
+            "The model is still loading; retry shortly.",
+            SERVER_ERROR,
+            None,
+            "model_loading",
+            {"Retry-After": "2"},
+        )
+    if state.status != "ok" or state.engine is None or not state.engine.alive:
+        raise APIError(503, "The model worker is not healthy.", SERVER_ERROR, None, "unavailable")
+    return state
+
+
+def check_model(state: WorkerState, name: str | None, *, embeddings: bool = False) -> None:
+    served = [state.loaded.served_name] if state.loaded else []
+    if embeddings:
+        served = list(state.embedders)
+    if name is None or name in served:
+        return
+    raise APIError(
+        400,
+        f"The model `{name}` does not exist on this worker; it serves {', '.join(served)}.",
+        INVALID_REQUEST,
+        "model",
+        "model_not_found",
+    )

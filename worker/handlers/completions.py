@@ -1,0 +1,320 @@
+"""POST /v1/chat/completions and /v1/completions, streaming (SSE) and not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from wire.errors import RATE_LIMIT, SERVER_ERROR, APIError, error_payload
+from wire.sse import DONE_EVENT, encode_data
+from worker.engine import EngineError, EngineUnavailable, QueueFull
+from worker.generation import Delta, TextStream
+from worker.handlers.common import check_model, parse, read_json, ready_state
+from worker.prompts import PromptError, chat_prompt_ids, text_prompt_ids
+from worker.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from worker.sampling import SamplingParams
+from worker.state import WorkerState
+
+log = structlog.get_logger(__name__)
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def sampling_params(
+    req: SamplingFields, max_tokens: int | None, prompt_len: int, max_model_len: int, param: str
+) -> SamplingParams:
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt is {prompt_len} tokens, which leaves no room for a completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = room
+    elif prompt_len + max_tokens > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+            f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(0, req.top_k or 0),
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _start(
+    state: WorkerState, prompt_ids: list[int], params: SamplingParams, stops: list[str]
+) -> TextStream:
+    assert state.engine is not None and state.loaded is not None
+    try:
+        return TextStream(state.engine, state.loaded.tokenizer, prompt_ids, params, stops)
+    except QueueFull as exc:
+        state.metrics.rejected.inc()
+        raise APIError(
+            503,
+            f"The worker is at capacity: {exc}. Retry shortly.",
+            RATE_LIMIT,
+            None,
+            "queue_full",
+            {"Retry-After": "1"},
+        ) from None
+    except EngineUnavailable as exc:
+        raise APIError(503, str(exc), SERVER_ERROR, None, "unavailable") from None
+
+
+class ChoiceRenderer:
+    """The wire shapes of one endpoint: chat.completion or text_completion."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = model
+
+    def body(
+        self, texts: list[str], reasons: list[str | None], usage: dict[str, int]
+    ) -> dict[str, Any]:
+        if self.chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": t},
+                    "logprobs": None,
+                    "finish_reason": r,
+                }
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+            ]
+        else:
+            choices = [
+                {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+            ]
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    def chunk(
+        self, choice: dict[str, Any] | None, usage: dict[str, int] | None, with_usage: bool
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice] if choice is not None else [],
+        }
+        if with_usage:
+            out["usage"] = usage
+        return out
+
+    def delta(self, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = ready_state(request)
+    assert state.loaded is not None
+    req = parse(ChatCompletionRequest, await read_json(request))
+    check_model(state, req.model)
+    try:
+        prompt_ids = chat_prompt_ids(state.loaded.tokenizer, req.messages)
+    except PromptError as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_prompt") from None
+    params = sampling_params(
+        req, req.requested_max_tokens, len(prompt_ids), state.loaded.max_model_len, "messages"
+    )
+    renderer = ChoiceRenderer(True, req.model)
+    return await _serve(request, state, req, [prompt_ids], params, renderer, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = ready_state(request)
+    assert state.loaded is not None
+    req = parse(CompletionRequest, await read_json(request))
+    check_model(state, req.model)
+    try:
+        prompts = [text_prompt_ids(state.loaded.tokenizer, p) for p in req.prompts()]
+    except (PromptError, ValueError) as exc:
+        raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from None
+    if req.stream and len(prompts) > 1:
+        raise APIError(
+            400,
+            "Streaming takes one prompt per request.",
+            param="prompt",
+            code="unsupported_parameter",
+        )
+    params = [
+        sampling_params(req, req.requested_max_tokens, len(p), state.loaded.max_model_len, "prompt")
+        for p in prompts
+    ]
+    renderer = ChoiceRenderer(False, req.model)
+    return await _serve(
+        request,
+        state,
+        req,
+        prompts,
+        params[0] if len(params) == 1 else params,
+        renderer,
+        "completions",
+    )
+
+
+async def _serve(
+    request: web.Request,
+    state: WorkerState,
+    req: SamplingFields,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    renderer: ChoiceRenderer,
+    endpoint: str,
+) -> web.StreamResponse:
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    started = time.perf_counter()
+    streams: list[TextStream] = []
+    try:
+        # Admit every choice before answering, so a full queue is a plain 503.
+        for p, sp in zip(prompts, per_prompt, strict=True):
+            streams.append(_start(state, p, sp, req.stop or []))  # type: ignore[arg-type]
+        on_first = _first_token_timer(state, started)
+        if req.stream:
+            return await _stream(request, state, req, streams[0], renderer, on_first)
+        texts = await asyncio.gather(*(_collect(s, on_first) for s in streams))
+    except EngineError as exc:
+        log.error("generation_failed", error=str(exc))
+        raise APIError(
+            500, "Generation failed; it has been logged.", SERVER_ERROR, None, "engine_error"
+        ) from None
+    finally:
+        for s in streams:
+            await s.aclose()
+        _account(state, streams, endpoint, started)
+    prompt_tokens = sum(s.prompt_tokens for s in streams)
+    completion_tokens = sum(s.completion_tokens for s in streams)
+    body = renderer.body(
+        list(texts), [s.finish_reason for s in streams], _usage(prompt_tokens, completion_tokens)
+    )
+    request["usage"] = body["usage"]
+    return web.json_response(body)
+
+
+def _first_token_timer(state: WorkerState, started: float) -> Callable[[], None]:
+    seen = False
+
+    def mark() -> None:
+        nonlocal seen
+        if not seen:
+            seen = True
+            state.metrics.ttft.observe(time.perf_counter() - started)
+
+    return mark
+
+
+async def _collect(stream: TextStream, on_first: Callable[[], None]) -> str:
+    parts = []
+    async for delta in stream:
+        if delta.completion_tokens:
+            on_first()
+        parts.append(delta.text)
+    return "".join(parts)
+
+
+def _account(state: WorkerState, streams: list[TextStream], endpoint: str, started: float) -> None:
+    m = state.metrics
+    m.latency.labels(endpoint).observe(time.perf_counter() - started)
+    for s in streams:
+        m.prompt_tokens.inc(s.prompt_tokens)
+        m.generated_tokens.inc(s.completion_tokens)
+        if s.finish_reason is None:
+            m.cancelled.inc()
+
+
+async def _stream(
+    request: web.Request,
+    state: WorkerState,
+    req: SamplingFields,
+    stream: TextStream,
+    renderer: ChoiceRenderer,
+    on_first: Callable[[], None],
+) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    await resp.prepare(request)
+    with_usage = req.include_usage
+    if renderer.chat:
+        await resp.write(
+            encode_data(renderer.chunk(renderer.delta("", None, first=True), None, with_usage))
+        )
+    try:
+        async for delta in stream:
+            if delta.completion_tokens:
+                on_first()
+            await _write_delta(resp, renderer, delta, with_usage)
+    except EngineError as exc:
+        # After the first byte the status is sent: end with an error event and no [DONE],
+        # so the client can tell a cut stream from a finished one.
+        log.error("generation_failed", error=str(exc))
+        await resp.write(
+            encode_data(error_payload("Generation failed.", SERVER_ERROR, None, "engine_error"))
+        )
+        return resp
+    usage = _usage(stream.prompt_tokens, stream.completion_tokens)
+    request["usage"] = usage
+    if with_usage:
+        await resp.write(encode_data(renderer.chunk(None, usage, True)))
+    await resp.write(DONE_EVENT)
+    await resp.write_eof()
+    return resp
+
+
+async def _write_delta(
+    resp: web.StreamResponse, renderer: ChoiceRenderer, delta: Delta, with_usage: bool
+) -> None:
+    if delta.text:
+        await resp.write(
+            encode_data(renderer.chunk(renderer.delta(delta.text, None), None, with_usage))
+        )
+    if delta.finish_reason:
+        final = renderer.delta(None if renderer.chat else "", delta.finish_reason)
+        await resp.write(encode_data(renderer.chunk(final, None, with_usage)))

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one worker, on a registry of its own (no process globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "worker_requests", "Requests answered", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("worker_prompt_tokens", "Prompt tokens", registry=r)
+        self.generated_tokens = Counter("worker_generated_tokens", "Generated tokens", registry=r)
+        self.rejected = Counter("worker_rejected", "Requests refused: queue full", registry=r)
+        self.cancelled = Counter(
+            "worker_cancelled", "Requests whose client went away before the end", registry=r
+        )
+        self.ttft = Histogram(
+            "worker_time_to_first_token_seconds",
+            "Time from request to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "worker_request_duration_seconds",
+            "Request duration",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge("worker_running_requests", "Requests being generated", registry=r)
+        self.waiting = Gauge("worker_waiting_requests", "Requests waiting for a slot", registry=r)
+
+    def watch(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+        self.running.set_function(running)
+        self.waiting.set_function(waiting)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
