@@ -14,7 +14,7 @@ from gateway.observe import record_of
 from gateway.relay import relay
 from gateway.rewrite import dumps
 from gateway.routing import Route, Snapshot
-from gateway.state import REDACTOR, SESSION, STORE
+from gateway.state import METRICS, REDACTOR, SESSION, STORE
 from gateway.upstream import Deadline, UpstreamError, forward_headers, send, upstream_url
 from wire.errors import INVALID_REQUEST, UPSTREAM_ERROR, APIError
 
@@ -183,13 +183,24 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     snapshot = request.app[STORE].current  # kept for the whole request, whatever reloads
     raw = await _read_body(request, snapshot.config.max_request_bytes)
     body = _Body(request, raw)
+    record.model = body.model[:200]  # metrics map unknown ids to "other"
     route = snapshot.resolve(body.model)
     if route is None:
         raise _unknown_model(body.model, snapshot)
-    record.model = route.public_id
     record.backend = route.backend
     record.upstream_model = route.upstream_model
+    in_flight = request.app[METRICS].in_flight.labels(route.public_id)
+    in_flight.inc()
+    try:
+        return await _forward(request, route, body, tail)
+    finally:
+        in_flight.dec()
 
+
+async def _forward(
+    request: web.Request, route: Route, body: _Body, tail: str
+) -> web.StreamResponse:
+    record = record_of(request)
     headers = forward_headers(request.headers, route, record.request_id)
     if body.payload is not None and "Content-Type" not in headers:
         headers["Content-Type"] = "application/json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ class Gateway:
     app: web.Application
     runner: web.AppRunner
     config_path: Path
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     @property
     def port(self) -> int:
@@ -34,9 +35,11 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     def openai(self, api_key: str = "client-key", **kwargs: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
+        client = openai.AsyncOpenAI(
             base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs
         )
+        self.clients.append(client)
+        return client
 
 
 @pytest.fixture
@@ -66,7 +69,7 @@ def endpoint(backend: FakeBackend, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def make_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    runners: list[web.AppRunner] = []
+    gateways: list[Gateway] = []
 
     async def make(
         config: dict[str, Any] | str,
@@ -78,12 +81,14 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         path.write_text(config if isinstance(config, str) else json.dumps(config))
         app = build_app(path, settings, watch=watch)
         runner = await start(app, "127.0.0.1", 0)
-        runners.append(runner)
-        return Gateway(app, runner, path)
+        gateways.append(Gateway(app, runner, path))
+        return gateways[-1]
 
     yield make
-    for runner in runners:
-        await runner.cleanup()
+    for gateway in gateways:
+        for client in gateway.clients:
+            await client.close()
+        await gateway.runner.cleanup()
 
 
 @pytest.fixture

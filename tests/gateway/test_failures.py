@@ -143,10 +143,28 @@ async def test_backend_speaking_garbage_is_502(make_gateway) -> None:
 async def test_backend_errors_pass_through_with_their_body(make_gateway, backend) -> None:
     answers = iter(
         [
-            (400, {"error": {"message": "max_tokens too big", "type": "invalid_request_error",
-                             "param": "max_tokens", "code": None}}),
-            (503, {"error": {"message": "overloaded", "type": "server_error", "param": None,
-                             "code": "overloaded"}}),
+            (
+                400,
+                {
+                    "error": {
+                        "message": "max_tokens too big",
+                        "type": "invalid_request_error",
+                        "param": "max_tokens",
+                        "code": None,
+                    }
+                },
+            ),
+            (
+                503,
+                {
+                    "error": {
+                        "message": "overloaded",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "overloaded",
+                    }
+                },
+            ),
         ]
     )
 
@@ -261,9 +279,7 @@ async def test_backend_process_killed_mid_stream(make_gateway, http, tmp_path) -
             """
         )
     )
-    process = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline().strip() == "up"
         gw = await make_gateway(config(f"http://127.0.0.1:{port}/v1"))

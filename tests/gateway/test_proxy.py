@@ -160,7 +160,9 @@ async def test_large_request_body_accepted(make_gateway, backend) -> None:
     image = "A" * (5 * 1024 * 1024)
     await gw.openai().chat.completions.create(
         model="llama",
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}],
+        messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}
+        ],
     )
     assert len(backend.last.body) > 5 * 1024 * 1024
 
@@ -179,7 +181,9 @@ async def test_body_over_limit_is_413(make_gateway, backend, http) -> None:
 
 async def test_backend_json_without_model_passes_unchanged(make_gateway, backend, http) -> None:
     async def handler(request: web.Request, received: Received) -> web.Response:
-        return web.Response(body=b'{"ok": true,  "spacing": "kept"}', content_type="application/json")
+        return web.Response(
+            body=b'{"ok": true,  "spacing": "kept"}', content_type="application/json"
+        )
 
     backend.handler = handler
     gw = await make_gateway(config(backend))

@@ -1,4 +1,4 @@
-"""Streams: relayed event by event as they arrive, model rewritten in every event, never buffered."""
+"""Streams: relayed event by event as they arrive, model rewritten in each, never buffered."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from tests.gateway.backend import Received, chunk, sse, start_sse
 def config(backend):
     return {
         "endpoints": {
-            "llama": {"url": backend.url, "apiKey": "sk-0000-backend-key", "actualModelName": "real"}
+            "llama": {
+                "url": backend.url,
+                "apiKey": "sk-0000-backend-key",
+                "actualModelName": "real",
+            }
         }
     }
 
