@@ -28,14 +28,11 @@ def configure_logging(redactor: Redactor, fmt: str | None = None, level: str | N
     as_json = fmt == "json" or (fmt != "console" and not sys.stderr.isatty())
     level_name = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
 
-    shared: list[structlog.types.Processor] = [
+    pre_chain: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-        # Last before rendering, so exception text is redacted too.
-        _redacting(redactor),
     ]
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
@@ -45,19 +42,21 @@ def configure_logging(redactor: Redactor, fmt: str | None = None, level: str | N
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
-            *shared[:-2],
+            *pre_chain,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+    # One formatter renders structlog's events and the stdlib's (aiohttp's) alike, so the
+    # redaction below is the single place every line passes through.
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared[:-2],
+        foreign_pre_chain=pre_chain,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
-            _redacting(redactor),
+            _redacting(redactor),  # after format_exc_info, so tracebacks are redacted too
             renderer,
         ],
     )

@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.observe import RequestRecord
 from gateway.redact import Redactor
@@ -19,7 +20,7 @@ from wire.sse import EventTooLarge, SSESplitter, encode_data
 UPSTREAM_MODEL_HEADER = "x-gateway-upstream-model"
 
 
-def _headers(upstream: aiohttp.ClientResponse, route: Route) -> dict[str, str] | object:
+def _headers(upstream: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
     headers = returned_headers(upstream.headers)
     headers[UPSTREAM_MODEL_HEADER] = route.upstream_model
     return headers

@@ -135,11 +135,12 @@ async def send(
 ) -> aiohttp.ClientResponse:
     """Send the request and wait for the backend's status line and headers."""
     timeouts = route.timeouts
+    first_byte = deadline.limit(timeouts.first_byte)
     client_timeout = aiohttp.ClientTimeout(
         total=None, connect=timeouts.connect, sock_connect=timeouts.connect
     )
     try:
-        async with asyncio.timeout(deadline.limit(timeouts.first_byte)):
+        async with asyncio.timeout(first_byte):
             return await session.request(
                 method,
                 url,
@@ -160,8 +161,7 @@ async def send(
         raise UpstreamError(
             "timeout_first_byte",
             504,
-            f"backend for model '{route.public_id}' sent no response within "
-            f"{deadline.limit(timeouts.first_byte) or timeouts.first_byte:g} s",
+            f"backend for model '{route.public_id}' sent no response within {first_byte:g} s",
         ) from None
     except aiohttp.ClientConnectorError as exc:
         reason = (
