@@ -85,6 +85,34 @@ async def test_backend_refusing_connections_is_502(make_gateway) -> None:
     assert "llama" in caught.value.body["message"]
 
 
+async def test_backend_not_accepting_connections_hits_connect_timeout(make_gateway) -> None:
+    """A listener whose accept queue is full drops new SYNs, so connect() hangs: the
+    connect timeout must fire rather than the request waiting forever."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue; never accepted
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.2)
+        gw = await make_gateway(config(f"http://127.0.0.1:{port}/v1", connect=0.5))
+        with pytest.raises(openai.APIStatusError) as caught:
+            await asyncio.wait_for(
+                gw.openai().chat.completions.create(model="llama", messages=[]), 10
+            )
+        assert caught.value.status_code == 504
+        assert caught.value.body["code"] == "timeout_connect"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
 async def test_backend_slow_to_answer_is_504(make_gateway, backend) -> None:
     async def handler(request: web.Request, received: Received) -> web.Response:
         await asyncio.sleep(30)
