@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.protocol import ChatMessage
+from worker.protocol import ChatMessage, Unsupported
 
 
 class PromptError(ValueError):
@@ -18,11 +18,14 @@ class PromptError(ValueError):
 def chat_prompt_ids(
     tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True
 ) -> list[int]:
-    conversation = [
-        # Most chat templates predate the `developer` role; it means system.
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in messages
-    ]
+    try:
+        conversation = [
+            # Most chat templates predate the `developer` role; it means system.
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in messages
+        ]
+    except Unsupported as exc:
+        raise PromptError(exc.param, str(exc)) from None
     try:
         text = tokenizer.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt, tokenize=False

@@ -37,6 +37,9 @@ def parse(schema: type[M], body: dict[str, Any]) -> M:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         message = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        if isinstance(given, int | float | str) and not isinstance(given, bool):
+            message += f" (got {given!r})" if len(repr(given)) <= 40 else ""
         raise APIError(
             400, f"{param}: {message}" if param else message, INVALID_REQUEST, param
         ) from None
