@@ -45,3 +45,13 @@ def configure(level: str | None = None) -> None:
     root.setLevel(level_name)
     # aiohttp's own access log would duplicate ours (and carries no request id).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # transformers' batching logger brings its own plain-text handler; give it ours.
+    cb_logger = logging.getLogger("ContinuousBatchingLogger")
+    cb_logger.handlers[:] = [handler]
+    cb_logger.propagate = False
+    if as_json:
+        # Progress bars are noise in JSON logs.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

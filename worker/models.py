@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class LoadedModel:
     max_model_len: int
     eos_token_ids: list[int]
     is_demo: bool
+    created: int  # load time, for /v1/models
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,4 +117,5 @@ def load(settings: Settings) -> LoadedModel:
         max_model_len=max_model_len,
         eos_token_ids=eos_ids,
         is_demo=is_demo,
+        created=int(time.time()),
     )

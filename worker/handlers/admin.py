@@ -56,7 +56,7 @@ async def models(request: web.Request) -> web.Response:
         {
             "id": loaded.served_name,
             "object": "model",
-            "created": 0,
+            "created": loaded.created,
             "owned_by": loaded.owned_by,
             "max_model_len": loaded.max_model_len,
         }
@@ -64,6 +64,11 @@ async def models(request: web.Request) -> web.Response:
     for name in state.embedders:
         if name != loaded.served_name:
             data.append(
-                {"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway-worker"}
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": loaded.created,
+                    "owned_by": "llm-gateway-worker",
+                }
             )
     return web.json_response({"object": "list", "data": data})
