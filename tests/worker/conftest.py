@@ -132,6 +132,7 @@ def _workers(
         "--model", "demo",
         "--max-batch-size", "16",
         "--max-model-len", "512",
+        "--kv-cache-tokens", "2048",  # small enough that a test can fill it
         "--embedding-model", str(minilm_path),
         "--embedding-model-name", "all-MiniLM-L6-v2",
         api_key=API_KEY,
@@ -155,7 +156,8 @@ def _workers(
 
 @pytest.fixture(scope="session")
 def worker(_workers: tuple[WorkerProcess, WorkerProcess]) -> WorkerProcess:
-    """The main worker: demo model, 16 slots, 512-token context, API key, MiniLM embeddings."""
+    """The main worker: demo model, 16 slots, 512-token context, 2048-token KV cache,
+    API key, MiniLM embeddings."""
     return _workers[0]
 
 

@@ -84,3 +84,13 @@ async def test_frequency_penalty_breaks_repetition(
     distinct = [len(set(demo_tokenizer.encode(t))) for t in (plain, penalized, presence)]
     assert distinct[1] > distinct[0]
     assert distinct[2] > distinct[0]
+
+
+async def test_greedy_output_survives_a_full_kv_cache(client: openai.AsyncOpenAI) -> None:
+    # 10 x 250 tokens need more than the main worker's 2048-token cache: the manager must
+    # evict and later recompute some sequences, and their text must not change.
+    kw = {"temperature": 0, "max_tokens": 250, "extra_body": {"ignore_eos": True}}
+    prompts = [f"{p} #{i}" for i, p in enumerate(PROMPTS + PROMPTS[:2])]
+    alone = [await _complete(client, p, **dict(kw)) for p in prompts[:2]]
+    crowded = await asyncio.gather(*(_complete(client, p, **dict(kw)) for p in prompts))
+    assert crowded[:2] == alone
