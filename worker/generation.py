@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,3 +67,36 @@ class TextStream:
             return "".join([d.text async for d in self])
         finally:
             await self.aclose()
+
+
+async def merge(streams: list[TextStream]) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:  # the common case needs no tasks
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, Delta | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: TextStream) -> None:
+        try:
+            async for delta in stream:
+                queue.put_nowait((index, delta, None))
+            queue.put_nowait((index, None, None))
+        except Exception as exc:
+            queue.put_nowait((index, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta is None:
+                remaining -= 1
+            else:
+                yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -151,6 +151,29 @@ async def test_completion_of_several_prompts_gives_one_choice_each(
         assert choice.text == alone.choices[0].text
 
 
+async def test_several_prompts_stream_interleaved_by_index(client: openai.AsyncOpenAI) -> None:
+    prompts = ["import os", "class Foo:", "for i in range(10):"]
+    whole = await client.completions.create(model="demo", prompt=prompts, max_tokens=8, **GREEDY)
+    stream = await client.completions.create(
+        model="demo",
+        prompt=prompts,
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
+    texts = ["", "", ""]
+    reasons: list[str | None] = [None, None, None]
+    chunks = [c async for c in stream]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.text for c in whole.choices]
+    assert reasons == [c.finish_reason for c in whole.choices]
+    assert chunks[-1].usage == whole.usage
+
+
 async def test_prompt_as_token_ids(client: openai.AsyncOpenAI, demo_tokenizer) -> None:  # type: ignore[no-untyped-def]
     ids = demo_tokenizer.encode("import sys")
     by_ids = await client.completions.create(model="demo", prompt=ids, max_tokens=5, **GREEDY)

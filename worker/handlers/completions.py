@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +13,9 @@ from aiohttp import web
 from wire.errors import RATE_LIMIT, SERVER_ERROR, APIError, error_payload
 from wire.sse import DONE_EVENT, encode_data
 from worker.engine import EngineError, EngineUnavailable, QueueFull
-from worker.generation import Delta, TextStream
+from worker.generation import TextStream, merge
 from worker.handlers.common import check_model, parse, read_json, ready_state
+from worker.handlers.render import ChoiceRenderer, usage_of
 from worker.prompts import PromptError, chat_prompt_ids, text_prompt_ids
 from worker.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from worker.sampling import SamplingParams
@@ -65,14 +65,6 @@ def sampling_params(
     )
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
 def _start(
     state: WorkerState, prompt_ids: list[int], params: SamplingParams, stops: list[str]
 ) -> TextStream:
@@ -93,67 +85,6 @@ def _start(
         raise APIError(503, str(exc), SERVER_ERROR, None, "unavailable") from None
 
 
-class ChoiceRenderer:
-    """The wire shapes of one endpoint: chat.completion or text_completion."""
-
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.model = model
-
-    def body(
-        self, texts: list[str], reasons: list[str | None], usage: dict[str, int]
-    ) -> dict[str, Any]:
-        if self.chat:
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": t},
-                    "logprobs": None,
-                    "finish_reason": r,
-                }
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-            ]
-        else:
-            choices = [
-                {"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-            ]
-        return {
-            "id": self.id,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": usage,
-        }
-
-    def chunk(
-        self, choice: dict[str, Any] | None, usage: dict[str, int] | None, with_usage: bool
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice] if choice is not None else [],
-        }
-        if with_usage:
-            out["usage"] = usage
-        return out
-
-    def delta(self, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = ready_state(request)
     assert state.loaded is not None
@@ -167,7 +98,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         req, req.requested_max_tokens, len(prompt_ids), state.loaded.max_model_len, "messages"
     )
     renderer = ChoiceRenderer(True, req.model)
-    return await _serve(request, state, req, [prompt_ids], params, renderer, "chat")
+    return await _serve(request, state, req, [prompt_ids], [params], renderer, "chat")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -179,27 +110,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
         prompts = [text_prompt_ids(state.loaded.tokenizer, p) for p in req.prompts()]
     except (PromptError, ValueError) as exc:
         raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from None
-    if req.stream and len(prompts) > 1:
-        raise APIError(
-            400,
-            "Streaming takes one prompt per request.",
-            param="prompt",
-            code="unsupported_parameter",
-        )
+    max_len = state.loaded.max_model_len
     params = [
-        sampling_params(req, req.requested_max_tokens, len(p), state.loaded.max_model_len, "prompt")
-        for p in prompts
+        sampling_params(req, req.requested_max_tokens, len(p), max_len, "prompt") for p in prompts
     ]
     renderer = ChoiceRenderer(False, req.model)
-    return await _serve(
-        request,
-        state,
-        req,
-        prompts,
-        params[0] if len(params) == 1 else params,
-        renderer,
-        "completions",
-    )
+    return await _serve(request, state, req, prompts, params, renderer, "completions")
 
 
 async def _serve(
@@ -207,20 +123,19 @@ async def _serve(
     state: WorkerState,
     req: SamplingFields,
     prompts: list[list[int]],
-    params: SamplingParams | list[SamplingParams],
+    params: list[SamplingParams],
     renderer: ChoiceRenderer,
     endpoint: str,
 ) -> web.StreamResponse:
-    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     started = time.perf_counter()
+    on_first = _first_token_timer(state, started)
     streams: list[TextStream] = []
     try:
         # Admit every choice before answering, so a full queue is a plain 503.
-        for p, sp in zip(prompts, per_prompt, strict=True):
-            streams.append(_start(state, p, sp, req.stop or []))  # type: ignore[arg-type]
-        on_first = _first_token_timer(state, started)
+        for prompt_ids, sp in zip(prompts, params, strict=True):
+            streams.append(_start(state, prompt_ids, sp, req.stop or []))  # type: ignore[arg-type]
         if req.stream:
-            return await _stream(request, state, req, streams[0], renderer, on_first)
+            return await _stream(request, req, streams, renderer, on_first)
         texts = await asyncio.gather(*(_collect(s, on_first) for s in streams))
     except EngineError as exc:
         log.error("generation_failed", error=str(exc))
@@ -231,13 +146,11 @@ async def _serve(
         for s in streams:
             await s.aclose()
         _account(state, streams, endpoint, started)
-    prompt_tokens = sum(s.prompt_tokens for s in streams)
-    completion_tokens = sum(s.completion_tokens for s in streams)
-    body = renderer.body(
-        list(texts), [s.finish_reason for s in streams], _usage(prompt_tokens, completion_tokens)
+    usage = usage_of(
+        sum(s.prompt_tokens for s in streams), sum(s.completion_tokens for s in streams)
     )
-    request["usage"] = body["usage"]
-    return web.json_response(body)
+    request["usage"] = usage
+    return web.json_response(renderer.body(list(texts), [s.finish_reason for s in streams], usage))
 
 
 def _first_token_timer(state: WorkerState, started: float) -> Callable[[], None]:
@@ -273,48 +186,42 @@ def _account(state: WorkerState, streams: list[TextStream], endpoint: str, start
 
 async def _stream(
     request: web.Request,
-    state: WorkerState,
     req: SamplingFields,
-    stream: TextStream,
+    streams: list[TextStream],
     renderer: ChoiceRenderer,
     on_first: Callable[[], None],
 ) -> web.StreamResponse:
     resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
     with_usage = req.include_usage
+
+    async def send(choice: dict[str, Any]) -> None:
+        await resp.write(encode_data(renderer.chunk(choice, None, with_usage)))
+
     if renderer.chat:
-        await resp.write(
-            encode_data(renderer.chunk(renderer.delta("", None, first=True), None, with_usage))
-        )
+        await send(renderer.delta("", None, first=True))
     try:
-        async for delta in stream:
+        async for index, delta in merge(streams):
             if delta.completion_tokens:
                 on_first()
-            await _write_delta(resp, renderer, delta, with_usage)
+            if delta.text:
+                await send(renderer.delta(delta.text, None, index=index))
+            if delta.finish_reason:
+                empty = None if renderer.chat else ""
+                await send(renderer.delta(empty, delta.finish_reason, index=index))
     except EngineError as exc:
         # After the first byte the status is sent: end with an error event and no [DONE],
         # so the client can tell a cut stream from a finished one.
         log.error("generation_failed", error=str(exc))
-        await resp.write(
-            encode_data(error_payload("Generation failed.", SERVER_ERROR, None, "engine_error"))
-        )
+        error = error_payload("Generation failed.", SERVER_ERROR, None, "engine_error")
+        await resp.write(encode_data(error))
         return resp
-    usage = _usage(stream.prompt_tokens, stream.completion_tokens)
+    usage = usage_of(
+        sum(s.prompt_tokens for s in streams), sum(s.completion_tokens for s in streams)
+    )
     request["usage"] = usage
     if with_usage:
         await resp.write(encode_data(renderer.chunk(None, usage, True)))
     await resp.write(DONE_EVENT)
     await resp.write_eof()
     return resp
-
-
-async def _write_delta(
-    resp: web.StreamResponse, renderer: ChoiceRenderer, delta: Delta, with_usage: bool
-) -> None:
-    if delta.text:
-        await resp.write(
-            encode_data(renderer.chunk(renderer.delta(delta.text, None), None, with_usage))
-        )
-    if delta.finish_reason:
-        final = renderer.delta(None if renderer.chat else "", delta.finish_reason)
-        await resp.write(encode_data(renderer.chunk(final, None, with_usage)))
