@@ -68,12 +68,6 @@ async def _load(state: WorkerState, loader: Loader) -> None:
     try:
         loaded = await asyncio.to_thread(loader, settings)
         state.loaded = loaded
-        engine = Engine(
-            loaded, settings.max_batch_size, settings.max_queue, settings.kv_cache_tokens
-        )
-        state.engine = engine
-        await asyncio.to_thread(engine.start)
-        state.metrics.watch(lambda: engine.running, lambda: engine.waiting)
         state.embedders[loaded.served_name] = embeddings.from_served_model(
             loaded.served_name, loaded.model, loaded.tokenizer, loaded.max_model_len
         )
@@ -85,6 +79,13 @@ async def _load(state: WorkerState, loader: Loader) -> None:
                 loaded.device,
             )
             state.embedders[extra.name] = extra
+        # The engine starts last: on GPU it sizes its KV cache from the memory left free.
+        engine = Engine(
+            loaded, settings.max_batch_size, settings.max_queue, settings.kv_cache_tokens
+        )
+        state.engine = engine
+        await asyncio.to_thread(engine.start)
+        state.metrics.watch(lambda: engine.running, lambda: engine.waiting)
         state.status = "ok"
         log.info("worker_ready", model=loaded.served_name)
     except asyncio.CancelledError:

@@ -63,6 +63,12 @@ def default_torch_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def ensure_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        log.info("chat_template_fallback", reason="tokenizer has no chat template")
+
+
 def load(settings: Settings) -> LoadedModel:
     """Load the model named by `settings` (building the demo model first if asked)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,9 +85,7 @@ def load(settings: Settings) -> LoadedModel:
     dtype = resolve_dtype(settings.dtype, device)
 
     tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer or path)
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-        log.info("chat_template_fallback", reason="tokenizer has no chat template")
+    ensure_chat_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     model.to(device).eval()
 

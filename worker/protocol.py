@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16
 
 
 class Unsupported(ValueError):
@@ -39,7 +40,7 @@ class SamplingFields(_Request):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens
 
@@ -54,8 +55,6 @@ class SamplingFields(_Request):
         return stops
 
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise Unsupported("n", "Only n=1 is supported; send several requests instead.")
         if self.logit_bias:
             raise Unsupported("logit_bias", "logit_bias is not supported by this worker.")
         if self.stream_options is not None and not self.stream:

@@ -94,3 +94,43 @@ async def test_greedy_output_survives_a_full_kv_cache(client: openai.AsyncOpenAI
     alone = [await _complete(client, p, **dict(kw)) for p in prompts[:2]]
     crowded = await asyncio.gather(*(_complete(client, p, **dict(kw)) for p in prompts))
     assert crowded[:2] == alone
+
+
+async def test_n_choices_are_seeded_apart_and_reproducible(client: openai.AsyncOpenAI) -> None:
+    kw = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "Name three colours"}],
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 42,
+        "n": 3,
+    }
+    first = await client.chat.completions.create(**kw)  # type: ignore[call-overload]
+    again = await client.chat.completions.create(**kw)  # type: ignore[call-overload]
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert len(set(texts)) == 3
+    assert [c.message.content for c in again.choices] == texts
+    assert first.usage is not None and again.usage is not None
+    assert first.usage.prompt_tokens == 3 * (await _prompt_len(client, kw["messages"]))
+
+    stream = await client.chat.completions.create(**kw, stream=True)  # type: ignore[call-overload]
+    streamed = ["", "", ""]
+    roles = set()
+    async for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.delta.role:
+                roles.add(choice.index)
+    assert streamed == texts
+    assert roles == {0, 1, 2}
+
+
+async def _prompt_len(client: openai.AsyncOpenAI, messages: object) -> int:
+    resp = await client.chat.completions.create(
+        model="demo",
+        messages=messages,
+        max_tokens=1,  # type: ignore[arg-type]
+    )
+    assert resp.usage is not None
+    return resp.usage.prompt_tokens

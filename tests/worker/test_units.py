@@ -38,6 +38,27 @@ def test_detokenizer_holds_back_half_characters(demo_tokenizer) -> None:  # type
     assert deltas[-1] == "🦒"
 
 
+def test_tokenizer_without_chat_template_gets_the_fallback(demo_cache: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from worker.models import ensure_chat_template
+    from worker.prompts import chat_prompt_ids
+    from worker.protocol import ChatMessage
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_cache)
+    tokenizer.chat_template = None
+    ensure_chat_template(tokenizer)
+    messages = [
+        ChatMessage(role="developer", content="Be terse."),
+        ChatMessage(
+            role="user",
+            content=[{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
+        ),
+    ]
+    ids = chat_prompt_ids(tokenizer, messages)
+    assert tokenizer.decode(ids) == "System: Be terse.\n\nUser: Hi there\n\nAssistant:"
+
+
 def test_stop_filter_holds_back_a_split_stop_string() -> None:
     f = StopFilter(["STOP"])
     out = [f.feed("hello S"), f.feed("T"), f.feed("O"), f.feed("P and more")]

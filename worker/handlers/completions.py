@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -98,7 +99,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         req, req.requested_max_tokens, len(prompt_ids), state.loaded.max_model_len, "messages"
     )
     renderer = ChoiceRenderer(True, req.model)
-    return await _serve(request, state, req, [prompt_ids], [params], renderer, "chat")
+    prompts, choice_params = _choices([prompt_ids], [params], req.n)
+    return await _serve(request, state, req, prompts, choice_params, renderer, "chat")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -115,7 +117,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
         sampling_params(req, req.requested_max_tokens, len(p), max_len, "prompt") for p in prompts
     ]
     renderer = ChoiceRenderer(False, req.model)
+    prompts, params = _choices(prompts, params, req.n)
     return await _serve(request, state, req, prompts, params, renderer, "completions")
+
+
+def _choices(
+    prompts: list[list[int]], params: list[SamplingParams], n: int
+) -> tuple[list[list[int]], list[SamplingParams]]:
+    """`n` choices per prompt, grouped by prompt as OpenAI orders them. Each choice gets its
+    own seed (seed + i), so seeded choices differ from each other yet repeat exactly."""
+    out_prompts, out_params = [], []
+    for prompt_ids, sp in zip(prompts, params, strict=True):
+        for i in range(n):
+            out_prompts.append(prompt_ids)
+            seed = None if sp.seed is None else sp.seed + i
+            out_params.append(dataclasses.replace(sp, seed=seed))
+    return out_prompts, out_params
 
 
 async def _serve(
@@ -199,7 +216,8 @@ async def _stream(
         await resp.write(encode_data(renderer.chunk(choice, None, with_usage)))
 
     if renderer.chat:
-        await send(renderer.delta("", None, first=True))
+        for index in range(len(streams)):
+            await send(renderer.delta("", None, first=True, index=index))
     try:
         async for index, delta in merge(streams):
             if delta.completion_tokens:
