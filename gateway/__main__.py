@@ -55,13 +55,17 @@ def check(path: str) -> int:
             print(f"  {path}: {line}", file=sys.stderr)
         return 1
     for public_id, endpoint in config.endpoints.items():
+        if not endpoint.enabled:
+            print(f"{public_id}\t(disabled)")
+            continue
         route = build_route(public_id, endpoint, config.timeouts)
         key = mask(route.api_key) or "(none)"
         print(
             f"{public_id}\t{route.display_name!r} -> {route.base_url} "
             f"model={route.upstream_model} key={key}"
         )
-    print(f"{path}: ok, {len(config.endpoints)} model(s)")
+    enabled = sum(endpoint.enabled for endpoint in config.endpoints.values())
+    print(f"{path}: ok, {enabled} model(s)")
     return 0
 
 

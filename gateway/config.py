@@ -44,15 +44,31 @@ class TimeoutsOverride(_Strict):
     total: float | None = Field(None, gt=0)
 
 
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+
+
 class Endpoint(_Strict):
     """One public model id and the backend that serves it."""
 
     url: str
+    # A string so that `"${OPENAI_API_KEY:+true}"` can switch an endpoint on from the environment.
+    enabled: bool = True
     display_name: str | None = Field(None, alias="displayName")
     api_key: str | None = Field(None, alias="apiKey")
     actual_model_name: str | None = Field(None, alias="actualModelName")
     headers: dict[str, str] = Field(default_factory=dict)
     timeouts: TimeoutsOverride | None = None
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _flag(cls, value: object) -> object:
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in _TRUE | _FALSE:
+                return lowered in _TRUE
+            raise ValueError("must be true or false (or an empty string, meaning false)")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -93,8 +109,9 @@ class GatewayConfig(_Strict):
         return value
 
 
-# ${VAR} or ${VAR:-default}; `$${` writes a literal `${`.
-_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ${VAR}, ${VAR:-default} (when unset or empty), ${VAR:+word} (when set and non-empty), as in
+# the shell and docker compose; `$${` writes a literal `${`.
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\+)([^}]*))?\}")
 
 
 def interpolate(
@@ -112,12 +129,14 @@ def interpolate(
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$${":
             return "${"
-        name, default = match.group(1), match.group(2)
+        name, operator, word = match.group(1), match.group(2), match.group(3)
         found = env.get(name)
+        if operator == ":+":
+            return word if found else ""
         if found:  # like the shell's `:-`, an empty variable takes the default too
             return found
-        if default is not None:
-            return default
+        if operator == ":-":
+            return word
         if found is None:
             errors.append(
                 f"{path}: environment variable {name} is not set "

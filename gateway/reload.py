@@ -78,24 +78,17 @@ class ConfigStore:
             outcome = ReloadOutcome(trigger, False, time.time(), old.version, errors=exc.errors)
         else:
             new = Snapshot(config, str(self.path), version=old.version + 1)
-            old_endpoints = old.config.endpoints
-            new_endpoints = config.endpoints
+            # Routes, not raw endpoints: an endpoint switched off is "removed", and a
+            # global timeout change is a change of every route it reaches.
+            before, after = old.routes, new.routes
             outcome = ReloadOutcome(
                 trigger,
                 True,
                 time.time(),
                 new.version,
-                added=[m for m in new_endpoints if m not in old_endpoints],
-                removed=[m for m in old_endpoints if m not in new_endpoints],
-                changed=[
-                    m
-                    for m in new_endpoints
-                    if m in old_endpoints
-                    and (
-                        new_endpoints[m] != old_endpoints[m]
-                        or config.timeouts != old.config.timeouts
-                    )
-                ],
+                added=[m for m in after if m not in before],
+                removed=[m for m in before if m not in after],
+                changed=[m for m in after if m in before and after[m] != before[m]],
             )
             self.current = new
         self._digest = digest

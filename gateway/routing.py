@@ -71,6 +71,7 @@ class Snapshot:
         routes = {
             public_id: build_route(public_id, endpoint, self.config.timeouts)
             for public_id, endpoint in self.config.endpoints.items()
+            if endpoint.enabled
         }
         object.__setattr__(self, "routes", MappingProxyType(routes))
 

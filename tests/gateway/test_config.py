@@ -177,3 +177,33 @@ def test_per_endpoint_timeouts_override_globals(tmp_path: Path) -> None:
     assert snapshot.resolve("m").timeouts.connect == 2
     assert snapshot.resolve("m").timeouts.idle == 60
     assert snapshot.resolve("n").timeouts.connect == 10
+
+
+def test_plus_interpolation_and_enabled_switch(tmp_path: Path) -> None:
+    """`"enabled": "${KEY:+true}"` turns an endpoint on only when KEY is set."""
+    text = json.dumps(
+        {
+            "endpoints": {
+                "local": {"url": "http://worker:8000/v1"},
+                "hosted": {
+                    "url": "https://api.example/v1",
+                    "enabled": "${KEY:+true}",
+                    "apiKey": "${KEY:-}",
+                },
+            }
+        }
+    )
+    path = write(tmp_path, "c.json", text)
+    off = Snapshot(load_config(path, {}), str(path), 1)
+    assert list(off.routes) == ["local"]
+    on = Snapshot(load_config(path, {"KEY": "sk-123456789"}), str(path), 1)
+    assert list(on.routes) == ["local", "hosted"]
+    assert on.resolve("hosted").api_key == "sk-123456789"
+
+
+def test_enabled_rejects_other_words(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "c.json", '{"endpoints": {"m": {"url": "http://x", "enabled": "maybe"}}}'
+    )
+    (error,) = errors_of(path)
+    assert error.startswith("endpoints.m.enabled: must be true or false")
