@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -127,8 +128,6 @@ class Engine:
         )
 
     def _wait_for_cache(self) -> None:
-        import time
-
         # The manager builds its cache on its own thread; capacity is known once it exists.
         deadline = time.monotonic() + 600
         while self._manager.batch_processor is None:
