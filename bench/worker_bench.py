@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python bench/worker_bench.py` from anywhere can import worker
 
 
 @dataclass
@@ -204,6 +205,74 @@ def bandwidth_bound(health: dict, model_path: str, hbm_gb_s: float, results: lis
         print(f"  {r.concurrency:3d} clients: {steps:7.1f} steps/s = {share:.0%} of the bound")
 
 
+def compare_engines(model: str, levels: list[int], max_tokens: int, threads: int) -> None:
+    """In-process, no HTTP: our engine (the manager + RequestSampler) against
+    `model.generate` on a left-padded static batch, the best case of a simple own loop."""
+    import torch
+
+    from worker import models
+    from worker.engine import Engine
+    from worker.sampling import SamplingParams
+    from worker.settings import Settings
+
+    loaded = models.load(Settings(model=model, torch_threads=threads))
+    tok, lm = loaded.tokenizer, loaded.model
+    prompts = [f"Client {i} request: def f(x):" for i in range(max(levels))]
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+
+    def static(k: int) -> tuple[float, list[list[int]]]:
+        enc = tok(prompts[:k], return_tensors="pt", padding=True).to(lm.device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = lm.generate(
+                **enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )  # fmt: skip
+        rate = k * max_tokens / (time.perf_counter() - started)
+        return rate, out[:, enc.input_ids.shape[1] :].tolist()
+
+    static_rates = {}
+    for k in levels:
+        static(k)  # warm-up
+        static_rates[k], reference = static(k)
+
+    async def ours() -> tuple[dict[int, float], list[list[int]]]:
+        engine = Engine(loaded, max(levels), 1024)
+        await asyncio.to_thread(engine.start)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+        async def one(i: int) -> list[int]:
+            gen = engine.generate(tok.encode(prompts[i]), params)
+            tokens: list[int] = []
+            try:
+                async for step in gen:
+                    tokens += step.token_ids
+            finally:
+                await gen.aclose()
+            return tokens
+
+        rates = {}
+        try:
+            await one(0)
+            for k in levels:
+                started = time.perf_counter()
+                outs = await asyncio.gather(*(one(i) for i in range(k)))
+                rates[k] = k * max_tokens / (time.perf_counter() - started)
+        finally:
+            await asyncio.to_thread(engine.stop)
+        return rates, outs
+
+    our_rates, our_tokens = asyncio.run(ours())
+    print(f"\n{'requests':>8} | {'our engine tok/s':>16} | {'static generate tok/s':>21} | share")
+    for k in levels:
+        share = our_rates[k] / static_rates[k]
+        print(f"{k:>8} | {our_rates[k]:>16.0f} | {static_rates[k]:>21.0f} | {share:.0%}")
+    same = sum(a == b for a, b in zip(our_tokens, reference, strict=True))
+    print(f"greedy tokens identical to the static batch: {same}/{len(reference)} sequences")
+
+
 def _cells(r: Result) -> str:
     p50, p95 = r.ttft(0.5) * 1000, r.ttft(0.95) * 1000
     return f"{r.tokens_per_s:>13.1f} {p50:>7.0f}ms {p95:>7.0f}ms"
@@ -222,6 +291,11 @@ def main() -> None:
         "--random-llama-1b", metavar="PATH", help="build (once) and bench a random ~1B Llama"
     )
     p.add_argument(
+        "--compare-engines",
+        action="store_true",
+        help="in-process: our engine vs a static padded generate() batch, then exit",
+    )
+    p.add_argument(
         "--hbm-gb-s", type=float, default=None, help="GPU memory bandwidth, for the bound"
     )
     args = p.parse_args()
@@ -230,6 +304,14 @@ def main() -> None:
     if args.random_llama_1b:
         build_random_llama(Path(args.random_llama_1b), "1b")
         model = args.random_llama_1b
+    if args.compare_engines:
+        path = model
+        if model == "demo":
+            from worker.demo import ensure_demo_model
+
+            path = str(ensure_demo_model())
+        compare_engines(path, levels, args.max_tokens, args.torch_threads or 1)
+        return
     common = ["--max-queue", "1024"]
     if args.torch_threads:
         common += ["--torch-threads", str(args.torch_threads)]
