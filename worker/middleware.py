@@ -5,11 +5,14 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
 from wire.errors import AUTHENTICATION, Handler, error_response
+
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 log = structlog.get_logger("worker.access")
 
@@ -48,7 +51,7 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
         response.headers["X-Request-ID"] = request_id
 
 
-def auth_middleware(api_key: str) -> web.middleware:  # type: ignore[valid-type]
+def auth_middleware(api_key: str) -> Middleware:
     expected = f"Bearer {api_key}".encode()
 
     @web.middleware

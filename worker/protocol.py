@@ -61,6 +61,11 @@ class SamplingFields(_Request):
             raise Unsupported("stream_options", "stream_options is only allowed with stream=true.")
 
     @property
+    def stops(self) -> list[str]:
+        """`stop` as a list (the validator has already normalized it)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 

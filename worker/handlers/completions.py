@@ -150,7 +150,7 @@ async def _serve(
     try:
         # Admit every choice before answering, so a full queue is a plain 503.
         for prompt_ids, sp in zip(prompts, params, strict=True):
-            streams.append(_start(state, prompt_ids, sp, req.stop or []))  # type: ignore[arg-type]
+            streams.append(_start(state, prompt_ids, sp, req.stops))
         if req.stream:
             return await _stream(request, req, streams, renderer, on_first)
         texts = await asyncio.gather(*(_collect(s, on_first) for s in streams))
