@@ -29,12 +29,11 @@ VOCAB_SIZE = 4096
 _TRAINING_TEXT_BYTES = 3_000_000
 
 
-def default_cache_dir() -> Path:
-    """Where the demo model lives: `WORKER_CACHE_DIR`, else ~/.cache/llm-gateway/demo-model."""
-    env = os.environ.get("WORKER_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "llm-gateway" / "demo-model"
+def demo_model_dir(cache_root: str | None = None) -> Path:
+    """`<cache root>/demo-model`; the root is `WORKER_CACHE_DIR`, else ~/.cache/llm-gateway."""
+    root = cache_root or os.environ.get("WORKER_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "llm-gateway"
+    return base / "demo-model"
 
 
 def is_built(path: Path) -> bool:
@@ -44,9 +43,12 @@ def is_built(path: Path) -> bool:
 
 def ensure_demo_model(path: Path | None = None) -> Path:
     """Build the demo model into `path` unless a build of this version is already there."""
-    path = (path or default_cache_dir()).expanduser()
+    path = (path or demo_model_dir()).expanduser()
     if is_built(path):
         return path
+    if path.exists() and any(path.iterdir()) and not (path / _MARKER).exists():
+        # Never delete a folder we did not build.
+        raise RuntimeError(f"{path} exists and is not a demo model build; move it away")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename into place, so two workers starting at once never
     # see (or load) a half-written folder; the loser of the race just discards its copy.
@@ -54,7 +56,7 @@ def ensure_demo_model(path: Path | None = None) -> Path:
     try:
         _build(staging)
         if path.exists() and not is_built(path):
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)  # empty, or an older demo version
         try:
             staging.rename(path)
         except OSError:

@@ -76,8 +76,7 @@ def load(settings: Settings) -> LoadedModel:
     torch.set_num_threads(settings.torch_threads or default_torch_threads())
     is_demo = settings.model == demo.DEMO_NAME
     if is_demo:
-        cache = Path(settings.cache_dir) if settings.cache_dir else None
-        path = str(demo.ensure_demo_model(cache))
+        path = str(demo.ensure_demo_model(demo.demo_model_dir(settings.cache_dir)))
         log.warning("demo_model", path=path, note="random weights: output is gibberish")
     else:
         path = settings.model

@@ -25,7 +25,7 @@ class Settings:
     embedding_model_name: str | None = None  # default: the embedding folder's name
     kv_cache_tokens: int | None = None  # default: sized from free GPU memory, or a CPU default
     torch_threads: int | None = None  # default: one per core, less one left for the server
-    cache_dir: str | None = None  # where `--model demo` is built; default WORKER_CACHE_DIR
+    cache_dir: str | None = None  # cache root (demo model in <root>/demo-model); WORKER_CACHE_DIR
     max_body_bytes: int = 32 * 1024 * 1024
 
 
@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer", help="tokenizer folder; default: the model's (env TOKENIZER_PATH)"
     )
-    p.add_argument("--host", help="bind address (env HOST, default 0.0.0.0)")
-    p.add_argument("--port", type=int, help="port (env PORT, default 8000)")
+    p.add_argument("--host", help="bind address (env WORKER_HOST, default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (env WORKER_PORT, default 8000)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (env DEVICE)")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16 (env DTYPE)")
     p.add_argument(
@@ -83,8 +83,9 @@ def parse_settings(
         model=pick(args.model, "MODEL_PATH") or d.model,
         served_model_name=pick(args.served_model_name, "MODEL_NAME"),
         tokenizer=pick(args.tokenizer, "TOKENIZER_PATH"),
-        host=pick(args.host, "HOST") or d.host,
-        port=number(args.port, "PORT") or d.port,
+        # Prefixed: zsh sets HOST to the machine's name, and platforms set PORT for others.
+        host=pick(args.host, "WORKER_HOST") or d.host,
+        port=number(args.port, "WORKER_PORT") or d.port,
         device=pick(args.device, "DEVICE") or d.device,
         dtype=pick(args.dtype, "DTYPE") or d.dtype,
         max_batch_size=number(args.max_batch_size, "MAX_BATCH_SIZE") or d.max_batch_size,

@@ -60,12 +60,12 @@ def _free_port() -> int:
 
 
 def start_worker(
-    log_path: Path, cache_dir: Path, *args: str, api_key: str | None = None
+    log_path: Path, demo_dir: Path, *args: str, api_key: str | None = None
 ) -> WorkerProcess:
     port = _free_port()
     env = {
         **os.environ,
-        "WORKER_CACHE_DIR": str(cache_dir),
+        "WORKER_CACHE_DIR": str(demo_dir.parent),  # the demo model is <root>/demo-model
         "LOG_FORMAT": "json",
         "TORCH_THREADS": "1",
         "HF_HUB_OFFLINE": "1",

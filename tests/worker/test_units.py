@@ -79,14 +79,35 @@ def test_stop_filter_earliest_match_wins() -> None:
 
 
 def test_settings_flags_win_over_environment() -> None:
-    env = {"MODEL_PATH": "/models/x", "MAX_BATCH_SIZE": "8", "WORKER_API_KEY": "k", "PORT": "9"}
+    env = {
+        "MODEL_PATH": "/models/x",
+        "MAX_BATCH_SIZE": "8",
+        "WORKER_API_KEY": "k",
+        "WORKER_PORT": "9",
+    }
     s = parse_settings(["--max-batch-size", "4"], env)
     assert (s.model, s.max_batch_size, s.api_key, s.port) == ("/models/x", 4, "k", 9)
     assert parse_settings([], {}).model == "demo"
-    assert parse_settings([], {}).port == 8000
+    assert parse_settings([], {"PORT": "1", "HOST": "zsh-hostname"}).port == 8000
+    assert parse_settings([], {"HOST": "zsh-hostname"}).host == "0.0.0.0"
     assert parse_settings([], {"MAX_QUEUE": "0"}).max_queue == 0
     with pytest.raises(SystemExit):
         parse_settings([], {"MAX_BATCH_SIZE": "many"})
+
+
+def test_demo_model_never_overwrites_a_foreign_folder(tmp_path: Path) -> None:
+    target = tmp_path / "demo-model"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(RuntimeError, match="not a demo model"):
+        ensure_demo_model(target)
+    assert (target / "precious.txt").read_text() == "keep me"
+
+
+def test_demo_model_dir_is_under_the_cache_root(tmp_path: Path) -> None:
+    from worker.demo import demo_model_dir
+
+    assert demo_model_dir(str(tmp_path)) == tmp_path / "demo-model"
 
 
 def test_demo_model_is_built_once_and_reused(demo_cache: Path) -> None:
