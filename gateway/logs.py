@@ -65,5 +65,6 @@ def configure_logging(redactor: Redactor, fmt: str | None = None, level: str | N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level_name)
-    # We write one access line per request ourselves.
+    # We write one access line per request ourselves, and a line per reload.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)

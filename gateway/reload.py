@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from watchfiles import awatch
+from watchfiles import Change, awatch
 
 from gateway.config import ConfigError, load_config
 from gateway.routing import Snapshot
@@ -116,11 +116,29 @@ class ConfigStore:
         return _digest(self.path) != self._digest
 
 
+def _concerns(config_name: str) -> Callable[[Change, str], bool]:
+    """Only the config file, and the `..data` link Kubernetes swaps under a ConfigMap, wake
+    the watcher: anything else in the folder (a log file beside the config, say) must not."""
+
+    def accept(_change: Change, path: str) -> bool:
+        name = Path(path).name
+        return name == config_name or name.startswith("..")
+
+    return accept
+
+
 async def watch_config(store: ConfigStore, debounce_ms: int = 300) -> None:
     """Reload when the file's content changes. The folder is watched, not the file, because
     editors and Kubernetes ConfigMaps replace files by renaming."""
     folder = store.path.resolve().parent
-    async for _changes in awatch(folder, debounce=debounce_ms, recursive=False, step=50):
+    changes = awatch(
+        folder,
+        watch_filter=_concerns(store.path.name),
+        debounce=debounce_ms,
+        recursive=False,
+        step=50,
+    )
+    async for _ in changes:
         if store.changed_on_disk():
             store.reload("file")
 

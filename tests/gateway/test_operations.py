@@ -278,3 +278,18 @@ async def test_cors_from_settings_overrides_config(make_gateway, backend, http) 
         gw.url + "/v1/models", headers={"Origin": "http://any.example"}
     ) as response:
         assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_other_files_beside_the_config_do_not_wake_the_watcher(
+    make_gateway, backend, capfd
+) -> None:
+    """A log file next to the config must not feed a reload/log loop."""
+    gw = await make_gateway(config(backend), watch=True)
+    await asyncio.sleep(0.3)
+    neighbour = gw.config_path.parent / "gateway.log"
+    for i in range(5):
+        neighbour.write_text(f"line {i}\n")
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.8)
+    assert gw.app[STORE].last_reload is None
+    assert "change detected" not in capfd.readouterr().err
