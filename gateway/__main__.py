@@ -18,6 +18,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gateway",
         description="OpenAI-compatible gateway in front of many model backends.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""other environment variables:
+  GATEWAY_ADMIN_KEY  when set, /debug and /reload need 'Authorization: Bearer <key>'
+  ALLOW_ORIGINS      comma-separated CORS origins (overrides the file's allowOrigins)
+  LOG_FORMAT         json or console (default: json unless stderr is a terminal)
+  LOG_LEVEL          default INFO""",
     )
     parser.add_argument(
         "command",

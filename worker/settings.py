@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m worker",
         description="OpenAI-compatible model worker with continuous batching.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""other environment variables:
+  WORKER_API_KEY    when set, /v1 requests need 'Authorization: Bearer <key>'
+  WORKER_CACHE_DIR  where the demo model is built (default ~/.cache/llm-gateway)
+  LOG_FORMAT        json or console (default: json unless stderr is a terminal)
+  LOG_LEVEL         default INFO""",
     )
     p.add_argument("--model", help="local model folder, a hub id, or 'demo' (env MODEL_PATH)")
     p.add_argument("--served-model-name", help="model id clients send (env MODEL_NAME)")
