@@ -17,6 +17,11 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-worker.txt
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt -r requirements-worker.txt
 	touch $@
 
+# The Compose Specification's JSON schema, as the dclint package ships it (npm registry).
+COMPOSE_SCHEMA := .cache/npm/node_modules/dclint/schemas/compose.schema.json
+$(COMPOSE_SCHEMA):
+	npm install --silent --no-audit --no-fund --ignore-scripts --prefix .cache/npm dclint@3.1.0
+
 ## Worker on the built-in demo model + gateway on config.example.json; Ctrl-C stops both.
 run: $(STAMP)
 	GATEWAY_CONFIG=$(GATEWAY_CONFIG) GATEWAY_PORT=$(GATEWAY_PORT) WORKER_PORT=$(WORKER_PORT) \
@@ -30,7 +35,7 @@ gateway: $(STAMP)
 worker: $(STAMP)
 	$(BIN)/python -m worker --model demo --port $(WORKER_PORT)
 
-test: $(STAMP)
+test: $(STAMP) $(COMPOSE_SCHEMA)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -42,4 +47,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache/npm .pytest_cache .ruff_cache

