@@ -1,12 +1,14 @@
 # syntax=docker/dockerfile:1
 # One Dockerfile, one target per image:
-#   docker build --target gateway    -t llm-gateway/gateway .
-#   docker build --target worker     -t llm-gateway/worker .      (NVIDIA GPU)
-#   docker build --target worker-cpu -t llm-gateway/worker-cpu .  (no GPU)
+#   docker build --target gateway -t llm-gateway/gateway .
+#   docker build --target worker  -t llm-gateway/worker .                                  (NVIDIA GPU)
+#   docker build --target worker  -t llm-gateway/worker-cpu --build-arg WORKER_VARIANT=cpu .  (no GPU)
 # Layers go from least to most often changed: system, Python packages, then our code.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# gpu (CUDA base, CUDA build of torch) or cpu (slim base, CPU build of torch)
+ARG WORKER_VARIANT=gpu
 
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS gateway
@@ -34,18 +36,43 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
 ENTRYPOINT ["python", "-m", "gateway"]
 
 # ---------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS worker-cpu
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
+# The worker's two bases differ only in where Python and torch come from; WORKER_VARIANT
+# picks one, and the `worker` stage below is the same for both.
+FROM ${PYTHON_IMAGE} AS worker-base-cpu
+ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-RUN useradd --system --uid 10001 --create-home --home-dir /home/app --shell /usr/sbin/nologin app \
-    && mkdir -p /models /cache && chown app:app /models /cache
 COPY requirements-worker.txt ./
-# The CPU build of the pinned torch first (PyPI's default Linux wheel is the CUDA build).
+# The CPU build of the pinned torch (PyPI's default Linux wheel is the CUDA build).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==$(sed -n 's/^torch==//p' requirements-worker.txt)" \
     && pip install -r requirements-worker.txt
+
+FROM ${CUDA_IMAGE} AS worker-base-gpu
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+# Ubuntu's archive drops old package versions, so pinning them would break rebuilds; the base
+# image is pinned by tag instead.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+WORKDIR /app
+COPY requirements-worker.txt ./
+# torch==2.13.0 from PyPI is the CUDA build on x86_64; it brings its own CUDA libraries and
+# needs only the host's NVIDIA driver (through the NVIDIA container toolkit).
+RUN pip install -r requirements-worker.txt
+
+# A stage of this file, not an image from a registry: nothing to tag.
+# hadolint ignore=DL3006
+FROM worker-base-${WORKER_VARIANT} AS worker
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN useradd --system --uid 10001 --create-home --home-dir /home/app --shell /usr/sbin/nologin app \
+    && mkdir -p /models /cache && chown app:app /models /cache
+WORKDIR /app
 COPY wire/ wire/
 COPY worker/ worker/
 COPY scripts/healthcheck.py scripts/
@@ -59,44 +86,6 @@ USER 10001
 VOLUME ["/models", "/cache"]
 EXPOSE 8000
 # Loading a large model takes minutes: the start period covers it.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "scripts/healthcheck.py", "WORKER_PORT", "8000", "/health"]
-ENTRYPOINT ["python", "-m", "worker"]
-
-# ---------------------------------------------------------------------------------------
-FROM ${CUDA_IMAGE} AS worker
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
-# Ubuntu's archive drops old package versions, so pinning them would break rebuilds; the base
-# image is pinned by tag instead.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv \
-    && useradd --system --uid 10001 --create-home --home-dir /home/app --shell /usr/sbin/nologin app \
-    && mkdir -p /models /cache && chown app:app /models /cache
-WORKDIR /app
-COPY requirements-worker.txt ./
-# torch==2.13.0 from PyPI is the CUDA build on x86_64; it brings its own CUDA libraries and
-# needs only the host's NVIDIA driver (through the NVIDIA container toolkit).
-RUN pip install -r requirements-worker.txt
-COPY wire/ wire/
-COPY worker/ worker/
-COPY scripts/healthcheck.py scripts/
-ENV MODEL_PATH=demo \
-    WORKER_HOST=0.0.0.0 \
-    WORKER_PORT=8000 \
-    WORKER_CACHE_DIR=/cache/llm-gateway \
-    HF_HOME=/cache/huggingface \
-    LOG_FORMAT=json
-USER 10001
-VOLUME ["/models", "/cache"]
-EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "scripts/healthcheck.py", "WORKER_PORT", "8000", "/health"]
 ENTRYPOINT ["python", "-m", "worker"]

@@ -143,16 +143,19 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_every_image_is_pinned_non_root_with_a_healthcheck() -> None:
     stages = dockerfile_stages()
-    assert set(stages) == {"gateway", "worker", "worker-cpu"}
+    assert set(stages) == {"gateway", "worker-base-cpu", "worker-base-gpu", "worker"}
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", (ROOT / "Dockerfile").read_text(), re.M))
-    for image in args.values():
-        tag = image.rsplit(":", 1)[1]
-        assert tag != "latest" and re.search(r"\d+\.\d+", tag), image
+    for name in ("PYTHON_IMAGE", "CUDA_IMAGE"):
+        tag = args[name].rsplit(":", 1)[1]
+        assert tag != "latest" and re.search(r"\d+\.\d+", tag), args[name]
+    # The worker stage is built on the base its WORKER_VARIANT names.
+    assert f"worker-base-{args['WORKER_VARIANT']}" in stages
+    assert stages["worker"][0] == "FROM worker-base-${WORKER_VARIANT} AS worker"
+    for name in ("gateway", "worker"):  # the images users run
+        user = instruction(stages[name], "USER")
+        assert user and user[-1] not in ("root", "0"), name
+        assert instruction(stages[name], "HEALTHCHECK"), name
     for name, stage in stages.items():
-        assert instruction(stage, "USER") and instruction(stage, "USER")[-1] not in ("root", "0"), (
-            name
-        )
-        assert instruction(stage, "HEALTHCHECK"), name
         for source in instruction(stage, "COPY"):
             for path in source.split()[:-1]:
                 assert (ROOT / path).exists(), f"{name}: COPY {path}"
@@ -161,8 +164,7 @@ def test_every_image_is_pinned_non_root_with_a_healthcheck() -> None:
 def test_image_entrypoints_are_the_real_clis() -> None:
     stages = dockerfile_stages()
     assert instruction(stages["gateway"], "ENTRYPOINT") == ['["python", "-m", "gateway"]']
-    for name in ("worker", "worker-cpu"):
-        assert instruction(stages[name], "ENTRYPOINT") == ['["python", "-m", "worker"]']
+    assert instruction(stages["worker"], "ENTRYPOINT") == ['["python", "-m", "worker"]']
 
 
 def test_image_environment_is_read_by_the_code() -> None:
@@ -177,9 +179,8 @@ def test_image_environment_is_read_by_the_code() -> None:
         "DEBIAN_FRONTEND",
         "HF_HOME",
     }
-    for name, stage in stages.items():
-        cli = gateway_help if name == "gateway" else worker_help
-        for key in set(env_of_stage(stage)) - generic:
+    for name, cli in (("gateway", gateway_help), ("worker", worker_help)):
+        for key in set(env_of_stage(stages[name])) - generic:
             assert key in cli, f"{name}: ENV {key} is not read by the CLI (not in its --help)"
 
 
@@ -192,9 +193,9 @@ def test_services_and_targets() -> None:
     stages = dockerfile_stages()
     assert services["worker"]["build"]["target"] == "worker"
     assert services["gateway"]["build"]["target"] == "gateway"
-    assert (
-        compose("docker-compose.cpu.yml")["services"]["worker"]["build"]["target"] == "worker-cpu"
-    )
+    cpu_build = compose("docker-compose.cpu.yml")["services"]["worker"]["build"]
+    assert cpu_build["target"] == "worker"
+    assert f"worker-base-{cpu_build['args']['WORKER_VARIANT']}" in stages
     for service in ("worker", "gateway"):
         assert services[service]["build"]["target"] in stages
     assert services["prometheus"]["profiles"] == ["monitoring"]
