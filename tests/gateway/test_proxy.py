@@ -189,3 +189,14 @@ async def test_backend_json_without_model_passes_unchanged(make_gateway, backend
     gw = await make_gateway(config(backend))
     async with http.post(gw.url + "/v1/chat/completions", json={"model": "llama"}) as response:
         assert await response.read() == b'{"ok": true,  "spacing": "kept"}'
+
+
+async def test_expect_100_continue_from_clients_like_curl(make_gateway, backend, http) -> None:
+    """curl sends `Expect: 100-continue` for bodies over 1 MB; the gateway answers it and does
+    not pass it on, since it already holds the whole body."""
+    gw = await make_gateway(config(backend))
+    body = {"model": "llama", "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    async with http.post(gw.url + "/v1/chat/completions", json=body, expect100=True) as response:
+        assert response.status == 200
+    assert "expect" not in {k.lower() for k in backend.last.headers}
+    assert len(backend.last.body) > 2_000_000
