@@ -124,3 +124,39 @@ def test_health_is_503_while_loading_and_sigterm_exits_cleanly(
     # The manager's generation thread is not a daemon: without stop() this would hang.
     assert code == 0
     assert time.monotonic() - started < 30
+
+
+def test_ctrl_c_then_sigterm_during_a_stream_still_exits(tmp_path: Path, demo_cache: Path) -> None:
+    """Ctrl-C reaches every process of the group and `make run`'s script then sends SIGTERM.
+    With a stream in flight, the second signal lands while aiohttp waits for it to finish and
+    cuts the cleanup short; the worker must still stop its (non-daemon) generation thread."""
+    import http.client
+    import signal
+
+    w = start_worker(tmp_path / "w.log", demo_cache, "--model", "demo")
+    try:
+        wait_ready(w)
+        connection = http.client.HTTPConnection("127.0.0.1", w.port, timeout=30)
+        body = json.dumps(
+            {
+                "model": "demo",
+                "prompt": "hi",
+                "max_tokens": 1500,
+                "ignore_eos": True,
+                "stream": True,
+            }
+        )
+        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        response.read1(100)  # the stream is running
+        w.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        w.proc.send_signal(signal.SIGTERM)
+        w.proc.wait(timeout=45)
+        connection.close()
+    finally:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
+            raise AssertionError("the worker hung after SIGINT + SIGTERM")
