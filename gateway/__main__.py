@@ -64,12 +64,18 @@ def check(path: str) -> int:
         if not endpoint.enabled:
             print(f"{public_id}\t(disabled)")
             continue
-        route = build_route(public_id, endpoint, config.timeouts)
-        key = mask(route.api_key) or "(none)"
-        print(
-            f"{public_id}\t{route.display_name!r} -> {route.base_url} "
-            f"model={route.upstream_model} key={key}"
-        )
+        route = build_route(public_id, endpoint, config)
+        backends = [
+            f"{t.base_url} model={t.model or '(as sent, prefix stripped)'} "
+            f"key={mask(t.api_key) or '(none)'}"
+            for t in route.targets
+        ]
+        if len(backends) == 1:
+            print(f"{public_id}\t{route.display_name!r} -> {backends[0]}")
+        else:
+            print(f"{public_id}\t{route.display_name!r} ({route.strategy}):")
+            for line in backends:
+                print(f"  -> {line}")
     enabled = sum(endpoint.enabled for endpoint in config.endpoints.values())
     print(f"{path}: ok, {enabled} model(s)")
     return 0

@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from gateway.backends import Backends
 from gateway.cors import add_cors_headers, cors_middleware
 from gateway.handlers import admin, openai
+from gateway.health import run_health_checks
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics
 from gateway.observe import access_middleware, add_request_id
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore, ReloadOutcome, run_watcher
 from gateway.routing import Snapshot
-from gateway.state import METRICS, REDACTOR, SESSION, SETTINGS, STORE, Settings
+from gateway.selection import Policies
+from gateway.state import (
+    BACKENDS,
+    DRAINING,
+    METRICS,
+    POLICIES,
+    REDACTOR,
+    SESSION,
+    SETTINGS,
+    STORE,
+    Settings,
+)
 from gateway.upstream import make_session
 from wire.errors import error_middleware
 
@@ -33,6 +46,10 @@ def build_app(
     settings = settings or Settings()
     store = ConfigStore(config_path)
     metrics = Metrics(store.current.routes)
+    backends = Backends()
+    for target in store.current.targets().values():
+        backends.state(target)
+    metrics.watch_backends(backends)
     redactor = Redactor(store.current.secrets())
     if settings.admin_key:
         redactor.add([settings.admin_key])
@@ -44,6 +61,9 @@ def build_app(
         if outcome.ok:
             redactor.add(snapshot.secrets())
             metrics.set_models(snapshot.routes)
+            backends.retain(set(snapshot.targets()))
+            for target in snapshot.targets().values():
+                backends.state(target)
 
     store.subscribe(on_reload)
 
@@ -56,9 +76,13 @@ def build_app(
     app[METRICS] = metrics
     app[REDACTOR] = redactor
     app[SETTINGS] = settings
+    app[BACKENDS] = backends
+    app[POLICIES] = Policies()
+    app[DRAINING] = asyncio.Event()
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_cors_headers)
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_background(run_health_checks))
     if watch:
         app.cleanup_ctx.append(_config_watcher)
     admin.add_routes(app)
@@ -78,3 +102,18 @@ async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _background(
+    job: Callable[[web.Application], Awaitable[None]],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A task that lives as long as the app (after the client session exists)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(job(app))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return context

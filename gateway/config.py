@@ -7,10 +7,17 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from yarl import URL
 
 
@@ -46,19 +53,92 @@ class TimeoutsOverride(_Strict):
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
+_RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+
+Strategy = Literal["least-busy", "weighted-round-robin", "priority"]
 
 
-class Endpoint(_Strict):
-    """One public model id and the backend that serves it."""
+def _check_url(value: str) -> str:
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        # The value itself is not echoed: a URL may carry credentials.
+        raise ValueError("must be an http(s) URL with a host, such as http://host:8000/v1")
+    if url.query_string or url.fragment:
+        raise ValueError("must not carry a query string or fragment")
+    return value
+
+
+def _check_headers(value: dict[str, str]) -> dict[str, str]:
+    bad = sorted(name for name in value if name.lower() in _RESERVED_HEADERS)
+    if bad:
+        raise ValueError(f"headers the gateway sets itself cannot be configured: {bad}")
+    return value
+
+
+class HealthCheck(_Strict):
+    """Active probes: off unless `interval` is set. They cost a `GET <url>/models`, never a
+    completion; passive detection from real traffic does most of the work."""
+
+    interval: float | None = Field(None, gt=0)
+    path: str = "/models"
+    timeout: float = Field(5.0, gt=0)
+
+
+class CircuitBreaker(_Strict):
+    """`failures` consecutive failures eject a backend for `cooldown` seconds; then one
+    request probes it (half-open) and its outcome closes or re-opens the breaker."""
+
+    failures: int = Field(3, ge=1)
+    cooldown: float = Field(30.0, gt=0)
+
+
+class Backend(_Strict):
+    """One server of a model. Keys left out take the endpoint's values."""
 
     url: str
+    api_key: str | None = Field(None, alias="apiKey")
+    actual_model_name: str | None = Field(None, alias="actualModelName")
+    headers: dict[str, str] = Field(default_factory=dict)
+    weight: float = Field(1.0, gt=0)
+    max_concurrent: int | None = Field(None, ge=1, alias="maxConcurrent")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _check_url(value)
+
+    @field_validator("headers")
+    @classmethod
+    def _no_reserved_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_headers(value)
+
+
+class RoutingOverrides(_Strict):
+    """Routing settings an endpoint may set for itself; unset ones come from the top level."""
+
+    strategy: Strategy | None = None
+    retries: int | None = Field(None, ge=0, le=10)
+    retry_on: list[int] | None = Field(None, alias="retryOn")
+    queue_timeout: float | None = Field(None, ge=0, alias="queueTimeout")
+    health_check: HealthCheck | None = Field(None, alias="healthCheck")
+    circuit_breaker: CircuitBreaker | None = Field(None, alias="circuitBreaker")
+    timeouts: TimeoutsOverride | None = None
+
+
+class Endpoint(RoutingOverrides):
+    """One public model id and the backend(s) that serve it: `url` for one, `backends` for
+    several. An id ending in `/*` is a wildcard route (`ollama/*` serves `ollama/<anything>`)."""
+
+    url: str | None = None
+    backends: list[Backend] | None = None
     # A string so that `"${OPENAI_API_KEY:+true}"` can switch an endpoint on from the environment.
     enabled: bool = True
     display_name: str | None = Field(None, alias="displayName")
     api_key: str | None = Field(None, alias="apiKey")
     actual_model_name: str | None = Field(None, alias="actualModelName")
     headers: dict[str, str] = Field(default_factory=dict)
-    timeouts: TimeoutsOverride | None = None
+    # Wildcard routes: how often the backend's own model list is refreshed.
+    models_refresh: float = Field(60.0, gt=0, alias="modelsRefresh")
 
     @field_validator("enabled", mode="before")
     @classmethod
@@ -72,28 +152,42 @@ class Endpoint(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        url = URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            # The value itself is not echoed: a URL may carry credentials.
-            raise ValueError("must be an http(s) URL with a host, such as http://host:8000/v1")
-        if url.query_string or url.fragment:
-            raise ValueError("must not carry a query string or fragment")
-        return value
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value)
 
     @field_validator("headers")
     @classmethod
     def _no_reserved_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        reserved = {"host", "content-length", "transfer-encoding", "connection"}
-        bad = sorted(name for name in value if name.lower() in reserved)
-        if bad:
-            raise ValueError(f"headers the gateway sets itself cannot be configured: {bad}")
+        return _check_headers(value)
+
+    @field_validator("backends")
+    @classmethod
+    def _some_backends(cls, value: list[Backend] | None) -> list[Backend] | None:
+        if value is not None and not value:
+            raise ValueError("list at least one backend, or use `url` instead")
         return value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Endpoint:
+        if self.url is None and self.backends is None:
+            raise ValueError("needs `url` (one backend) or `backends` (several)")
+        if self.url is not None and self.backends is not None:
+            raise ValueError("give `url` (one backend) or `backends` (several), not both")
+        return self
 
 
 class GatewayConfig(_Strict):
     endpoints: dict[str, Endpoint]
     timeouts: Timeouts = Timeouts()
+    # Routing defaults for every endpoint (each may override them).
+    strategy: Strategy = "least-busy"
+    # Further attempts after the first, only while nothing has reached the client yet.
+    retries: int = Field(2, ge=0, le=10)
+    retry_on: list[int] = Field(default_factory=lambda: [429, 500, 502, 503, 504], alias="retryOn")
+    # How long a request may wait for a backend under its maxConcurrent before a 503.
+    queue_timeout: float = Field(10.0, ge=0, alias="queueTimeout")
+    health_check: HealthCheck = Field(default_factory=HealthCheck, alias="healthCheck")
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, alias="circuitBreaker")
     allow_origins: list[str] = Field(default_factory=list, alias="allowOrigins")
     # Vision requests carry base64 images, so the default is far above aiohttp's 1 MiB.
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, alias="maxRequestBytes")
@@ -103,9 +197,19 @@ class GatewayConfig(_Strict):
     def _valid_ids(cls, value: dict[str, Endpoint]) -> dict[str, Endpoint]:
         if not value:
             raise ValueError("at least one endpoint is needed")
-        for model_id in value:
+        for model_id, endpoint in value.items():
             if not model_id.strip() or model_id != model_id.strip():
                 raise ValueError(f"model id {model_id!r} is empty or has surrounding spaces")
+            if model_id.endswith("/*") and (
+                endpoint.actual_model_name
+                or any(b.actual_model_name for b in endpoint.backends or [])
+            ):
+                raise ValueError(
+                    f"{model_id}: a wildcard route passes the model name through; "
+                    "actualModelName does not apply"
+                )
+            if "*" in model_id.removesuffix("/*"):
+                raise ValueError(f"{model_id}: only a trailing `/*` is a wildcard")
         return value
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.backends import Backends
 
 OTHER = "other"
 
@@ -62,6 +68,10 @@ class Metrics:
         self._models: frozenset[str] = frozenset()
         self.set_models(models)
 
+    def watch_backends(self, backends: Backends) -> None:
+        """Per-backend load and health, read from the live registry at scrape time."""
+        self.registry.register(_BackendCollector(backends))
+
     def set_models(self, models: Iterable[str]) -> None:
         self._models = frozenset(models)
 
@@ -73,3 +83,48 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BackendCollector(Collector):
+    """Labels are `host:port` of configured backends only: bounded by the config."""
+
+    def __init__(self, backends: Backends) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.monotonic()
+        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
+        for state in self._backends.states.values():
+            row = totals[state.label]
+            row[0] += state.in_flight
+            row[1] = max(row[1], 1.0 if state.health(now) != "ejected" else 0.0)
+            row[2] += state.ejections
+            row[3] += state.requests
+            row[4] += state.failures
+        families = [
+            GaugeMetricFamily(
+                "gateway_backend_in_flight", "Requests in flight per backend.", labels=["backend"]
+            ),
+            GaugeMetricFamily(
+                "gateway_backend_up",
+                "1 when the backend takes requests, 0 while its circuit breaker has it ejected.",
+                labels=["backend"],
+            ),
+            CounterMetricFamily(
+                "gateway_backend_ejections",
+                "Times the circuit breaker ejected the backend.",
+                labels=["backend"],
+            ),
+            CounterMetricFamily(
+                "gateway_backend_requests", "Attempts sent to the backend.", labels=["backend"]
+            ),
+            CounterMetricFamily(
+                "gateway_backend_failures",
+                "Attempts that failed (connect, timeout, 5xx, died).",
+                labels=["backend"],
+            ),
+        ]
+        for label, row in sorted(totals.items()):
+            for family, value in zip(families, row, strict=True):
+                family.add_metric([label], value)
+        yield from families

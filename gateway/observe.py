@@ -36,6 +36,14 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    attempts: int = 0
+    # Every backend failure this request saw, retried or not (metrics count each).
+    failures: list[str] = field(default_factory=list)
+
+    def fail(self, kind: str) -> None:
+        """The backend failed after its response started: the request ends in this error."""
+        self.error = kind
+        self.failures.append(kind)
 
 
 _RECORD = web.RequestKey("record", RequestRecord)
@@ -95,10 +103,8 @@ def _finish(request: web.Request, record: RequestRecord, status: int, metrics: M
         ttft = record.first_byte_at - record.started
         if record.streamed:
             metrics.ttft.labels(model).observe(ttft)
-    if record.error and record.error != "client_disconnected":
-        metrics.upstream_errors.labels(model, record.error).inc()
-    elif record.upstream_status is not None and record.upstream_status >= 500:
-        metrics.upstream_errors.labels(model, f"http_{record.upstream_status}").inc()
+    for kind in record.failures:
+        metrics.upstream_errors.labels(model, kind).inc()
     if record.prompt_tokens is not None:
         metrics.tokens.labels(model, "prompt").inc(record.prompt_tokens)
     if record.completion_tokens is not None:
@@ -120,4 +126,6 @@ def _finish(request: web.Request, record: RequestRecord, status: int, metrics: M
         prompt_tokens=record.prompt_tokens,
         completion_tokens=record.completion_tokens,
         error=record.error,
+        attempts=record.attempts,
+        failures=record.failures or None,
     )

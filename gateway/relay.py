@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 from gateway.observe import RequestRecord
 from gateway.redact import Redactor
 from gateway.rewrite import rewrite_event, rewrite_json_body, usage_of
-from gateway.routing import Route
+from gateway.routing import Hop
 from gateway.upstream import Deadline, UpstreamError, read_chunks, returned_headers
 from wire.errors import UPSTREAM_ERROR, error_payload
 from wire.sse import EventTooLarge, SSESplitter, encode_data
@@ -20,16 +20,16 @@ from wire.sse import EventTooLarge, SSESplitter, encode_data
 UPSTREAM_MODEL_HEADER = "x-gateway-upstream-model"
 
 
-def _headers(upstream: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
+def _headers(upstream: aiohttp.ClientResponse, hop: Hop) -> CIMultiDict[str]:
     headers = returned_headers(upstream.headers)
-    headers[UPSTREAM_MODEL_HEADER] = route.upstream_model
+    headers[UPSTREAM_MODEL_HEADER] = hop.upstream_model
     return headers
 
 
 async def relay(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
-    route: Route,
+    hop: Hop,
     record: RequestRecord,
     deadline: Deadline,
     redactor: Redactor,
@@ -37,29 +37,29 @@ async def relay(
     record.upstream_status = upstream.status
     content_type = upstream.headers.get("Content-Type", "").lower()
     if content_type.startswith("text/event-stream") and upstream.status < 400:
-        return await _relay_events(request, upstream, route, record, deadline)
+        return await _relay_events(request, upstream, hop, record, deadline)
     if "json" in content_type or upstream.status >= 400:
-        return await _relay_json(upstream, route, record, deadline, redactor)
-    return await _relay_bytes(request, upstream, route, record, deadline)
+        return await _relay_json(upstream, hop, record, deadline, redactor)
+    return await _relay_bytes(request, upstream, hop, record, deadline)
 
 
-async def _read_all(upstream: aiohttp.ClientResponse, route: Route, deadline: Deadline) -> bytes:
+async def _read_all(upstream: aiohttp.ClientResponse, hop: Hop, deadline: Deadline) -> bytes:
     body = bytearray()
-    async for chunk in read_chunks(upstream, route, deadline):
+    async for chunk in read_chunks(upstream, hop, deadline):
         body += chunk
     return bytes(body)
 
 
 async def _relay_json(
     upstream: aiohttp.ClientResponse,
-    route: Route,
+    hop: Hop,
     record: RequestRecord,
     deadline: Deadline,
     redactor: Redactor,
 ) -> web.Response:
-    body = await _read_all(upstream, route, deadline)
+    body = await _read_all(upstream, hop, deadline)
     record.first_byte_at = time.monotonic()
-    headers = _headers(upstream, route)
+    headers = _headers(upstream, hop)
     if upstream.status >= 400:
         # Backends sometimes echo the key they were given; it must not reach the client.
         body = redactor.redact_bytes(body)
@@ -68,13 +68,13 @@ async def _relay_json(
         except ValueError:
             # A proxy's HTML error page, say: wrap it so OpenAI clients can read it.
             text = body.decode("utf-8", "replace").strip()[:2000]
-            message = f"backend for model '{route.public_id}' answered {upstream.status}: {text}"
+            message = f"backend for model '{hop.public_id}' answered {upstream.status}: {text}"
             body = json.dumps(
                 error_payload(message, UPSTREAM_ERROR, None, "upstream_error")
             ).encode()
             headers["Content-Type"] = "application/json"
         return web.Response(status=upstream.status, body=body, headers=headers)
-    rewritten = rewrite_json_body(body, route.public_id)
+    rewritten = rewrite_json_body(body, hop.public_id)
     if rewritten.usage:
         record.prompt_tokens, record.completion_tokens = rewritten.usage
     if rewritten.upstream_model:
@@ -85,11 +85,11 @@ async def _relay_json(
 async def _relay_events(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
-    route: Route,
+    hop: Hop,
     record: RequestRecord,
     deadline: Deadline,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, route))
+    response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
     response.headers["Cache-Control"] = "no-cache"
     # Tell an nginx in front of us not to buffer the stream either.
     response.headers["X-Accel-Buffering"] = "no"
@@ -97,9 +97,9 @@ async def _relay_events(
     record.streamed = True
     splitter = SSESplitter()
     try:
-        async for chunk in read_chunks(upstream, route, deadline):
+        async for chunk in read_chunks(upstream, hop, deadline):
             for event in splitter.feed(chunk):
-                out = rewrite_event(event, route.public_id)
+                out = rewrite_event(event, hop.public_id)
                 if record.first_byte_at is None:
                     record.first_byte_at = time.monotonic()
                 usage = usage_of(out.payload)
@@ -110,7 +110,7 @@ async def _relay_events(
             raise UpstreamError(
                 "died",
                 502,
-                f"backend for model '{route.public_id}' ended the stream inside an event",
+                f"backend for model '{hop.public_id}' ended the stream inside an event",
             )
     except EventTooLarge as exc:
         await _end_with_error(response, record, UpstreamError("event_too_large", 502, str(exc)))
@@ -126,7 +126,7 @@ async def _end_with_error(
     response: web.StreamResponse, record: RequestRecord, exc: UpstreamError
 ) -> None:
     """End a stream that already started so that no client can take it for a finished one."""
-    record.error = exc.kind
+    record.fail(exc.kind)
     await response.write(encode_data(error_payload(exc.message, UPSTREAM_ERROR, None, exc.kind)))
     await response.write_eof()
 
@@ -134,23 +134,23 @@ async def _end_with_error(
 async def _relay_bytes(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
-    route: Route,
+    hop: Hop,
     record: RequestRecord,
     deadline: Deadline,
 ) -> web.StreamResponse:
     """Audio, images and other bodies: passed through chunk by chunk, unchanged."""
-    response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, route))
+    response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
     await response.prepare(request)
     record.streamed = True
     try:
-        async for chunk in read_chunks(upstream, route, deadline):
+        async for chunk in read_chunks(upstream, hop, deadline):
             if record.first_byte_at is None:
                 record.first_byte_at = time.monotonic()
             await response.write(chunk)
     except UpstreamError as exc:
         # No in-band way to signal an error here: cut the connection so the body is seen
         # as truncated rather than complete.
-        record.error = exc.kind
+        record.fail(exc.kind)
         if request.transport is not None:
             request.transport.close()
         return response

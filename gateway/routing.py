@@ -1,33 +1,26 @@
-"""The immutable route table built from one config snapshot: public model id -> backend."""
+"""The immutable route table built from one config snapshot: public model id -> backends."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TypeVar
 
 from yarl import URL
 
-from gateway.config import Endpoint, GatewayConfig, Timeouts
+from gateway.config import (
+    CircuitBreaker,
+    Endpoint,
+    GatewayConfig,
+    HealthCheck,
+    Strategy,
+    Timeouts,
+)
 
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Everything needed to send one public model's requests to its backend."""
-
-    public_id: str
-    display_name: str
-    base_url: URL
-    api_key: str | None
-    upstream_model: str
-    headers: Mapping[str, str]
-    timeouts: Timeouts
-
-    @property
-    def backend(self) -> str:
-        """Host and port, for logs and errors: never the path or credentials."""
-        return f"{self.base_url.host}:{self.base_url.port}"
+WILDCARD = "/*"
 
 
 def base_url(url: str) -> URL:
@@ -38,22 +31,149 @@ def base_url(url: str) -> URL:
     return parsed.with_path(parsed.path.rstrip("/"))
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One backend server of a route."""
+
+    base_url: URL
+    api_key: str | None
+    model: str | None  # the model name it gets; None on wildcard routes (the client's, unprefixed)
+    headers: Mapping[str, str]
+    weight: float
+    max_concurrent: int | None
+
+    @property
+    def label(self) -> str:
+        """Host and port, for logs, metrics and errors: never the path or credentials."""
+        return f"{self.base_url.host}:{self.base_url.port}"
+
+    @property
+    def key(self) -> str:
+        """Identity of the server for health and load state, shared by every route using it
+        and kept across reloads. The key is hashed: this string is shown in /debug."""
+        secret = hashlib.sha256((self.api_key or "").encode()).hexdigest()[:8]
+        return f"{self.base_url.with_password(None)}#{secret}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One public model id (or wildcard prefix) and how its requests are routed."""
+
+    public_id: str
+    display_name: str
+    targets: tuple[Target, ...]
+    timeouts: Timeouts
+    strategy: Strategy
+    retries: int
+    retry_on: frozenset[int]
+    queue_timeout: float
+    health_check: HealthCheck
+    circuit_breaker: CircuitBreaker
+    models_refresh: float
+
+    @property
+    def wildcard(self) -> bool:
+        return self.public_id.endswith(WILDCARD)
+
+    @property
+    def prefix(self) -> str:
+        """`ollama/` for the route `ollama/*`."""
+        return self.public_id[: -len(WILDCARD) + 1]
+
+    def hop(self, model: str, target: Target) -> Hop:
+        upstream = model[len(self.prefix) :] if self.wildcard else (target.model or model)
+        return Hop(self, target, model, upstream)
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One attempt of one request: the route, the backend chosen, and the model ids on each
+    side (they differ per request on wildcard routes)."""
+
+    route: Route
+    target: Target
+    public_id: str
+    upstream_model: str
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self.route.timeouts
+
+    @property
+    def backend(self) -> str:
+        return self.target.label
+
+    @property
+    def base_url(self) -> URL:
+        return self.target.base_url
+
+    @property
+    def api_key(self) -> str | None:
+        return self.target.api_key
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.target.headers
+
+
 def _timeouts(defaults: Timeouts, endpoint: Endpoint) -> Timeouts:
     if endpoint.timeouts is None:
         return defaults
-    overrides = endpoint.timeouts.model_dump(exclude_unset=True)
-    return defaults.model_copy(update=overrides)
+    return defaults.model_copy(update=endpoint.timeouts.model_dump(exclude_unset=True))
 
 
-def build_route(public_id: str, endpoint: Endpoint, defaults: Timeouts) -> Route:
+def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
+    wildcard = public_id.endswith(WILDCARD)
+
+    def model(own: str | None) -> str | None:
+        return None if wildcard else (own or endpoint.actual_model_name or public_id)
+
+    if endpoint.backends is None:
+        assert endpoint.url is not None  # the schema requires one of the two
+        return (
+            Target(
+                base_url(endpoint.url),
+                endpoint.api_key or None,
+                model(None),
+                MappingProxyType(dict(endpoint.headers)),
+                1.0,
+                None,
+            ),
+        )
+    return tuple(
+        Target(
+            base_url(backend.url),
+            backend.api_key or endpoint.api_key or None,
+            model(backend.actual_model_name),
+            MappingProxyType({**endpoint.headers, **backend.headers}),
+            backend.weight,
+            backend.max_concurrent,
+        )
+        for backend in endpoint.backends
+    )
+
+
+T = TypeVar("T")
+
+
+def _or(own: T | None, default: T) -> T:
+    return default if own is None else own
+
+
+def build_route(public_id: str, endpoint: Endpoint, config: GatewayConfig) -> Route:
+    """A route from an endpoint, its unset routing settings taken from the top level."""
     return Route(
         public_id=public_id,
         display_name=endpoint.display_name or public_id,
-        base_url=base_url(endpoint.url),
-        api_key=endpoint.api_key or None,
-        upstream_model=endpoint.actual_model_name or public_id,
-        headers=MappingProxyType(dict(endpoint.headers)),
-        timeouts=_timeouts(defaults, endpoint),
+        targets=_targets(public_id, endpoint),
+        timeouts=_timeouts(config.timeouts, endpoint),
+        strategy=_or(endpoint.strategy, config.strategy),
+        retries=_or(endpoint.retries, config.retries),
+        retry_on=frozenset(_or(endpoint.retry_on, config.retry_on)),
+        queue_timeout=_or(endpoint.queue_timeout, config.queue_timeout),
+        health_check=_or(endpoint.health_check, config.health_check),
+        circuit_breaker=_or(endpoint.circuit_breaker, config.circuit_breaker),
+        models_refresh=endpoint.models_refresh,
     )
 
 
@@ -66,25 +186,42 @@ class Snapshot:
     version: int
     loaded_at: float = field(default_factory=time.time)
     routes: Mapping[str, Route] = field(init=False)
+    _wildcards: tuple[Route, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         routes = {
-            public_id: build_route(public_id, endpoint, self.config.timeouts)
+            public_id: build_route(public_id, endpoint, self.config)
             for public_id, endpoint in self.config.endpoints.items()
             if endpoint.enabled
         }
         object.__setattr__(self, "routes", MappingProxyType(routes))
+        # Longest prefix first, so `ollama/big/*` wins over `ollama/*`.
+        wildcards = sorted(
+            (r for r in routes.values() if r.wildcard), key=lambda r: len(r.prefix), reverse=True
+        )
+        object.__setattr__(self, "_wildcards", tuple(wildcards))
 
     def resolve(self, model: str) -> Route | None:
-        return self.routes.get(model)
+        """The exact id first, then the longest wildcard prefix that matches."""
+        route = self.routes.get(model)
+        if route is not None and not route.wildcard:
+            return route
+        for wildcard in self._wildcards:
+            if model.startswith(wildcard.prefix) and len(model) > len(wildcard.prefix):
+                return wildcard
+        return None
+
+    def targets(self) -> dict[str, Target]:
+        """Every backend server in this config, by identity."""
+        return {t.key: t for route in self.routes.values() for t in route.targets}
 
     def secrets(self) -> set[str]:
         """Every configured value that must never appear in logs or responses."""
         found: set[str] = set()
-        for route in self.routes.values():
-            if route.api_key:
-                found.add(route.api_key)
-            found.update(v for v in route.headers.values() if v)
-            if route.base_url.password:
-                found.add(route.base_url.password)
+        for target in self.targets().values():
+            if target.api_key:
+                found.add(target.api_key)
+            found.update(v for v in target.headers.values() if v)
+            if target.base_url.password:
+                found.add(target.base_url.password)
         return found

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
+from gateway.backends import Backends
 from gateway.metrics import Metrics
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
+from gateway.selection import Policies
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,3 +28,7 @@ METRICS = web.AppKey("metrics", Metrics)
 REDACTOR = web.AppKey("redactor", Redactor)
 SETTINGS = web.AppKey("settings", Settings)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+BACKENDS = web.AppKey("backends", Backends)
+POLICIES = web.AppKey("policies", Policies)
+# Set when SIGTERM starts the drain: /ready answers 503 while in-flight requests finish.
+DRAINING = web.AppKey("draining", asyncio.Event)

@@ -12,7 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import Timeouts
-from gateway.routing import Route
+from gateway.routing import Hop
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -82,14 +82,12 @@ def _connection_listed(headers: Mapping[str, str]) -> set[str]:
     return {name.strip().lower() for name in listed.split(",") if name.strip()}
 
 
-def forward_headers(
-    client: CIMultiDictProxy[str], route: Route, request_id: str
-) -> CIMultiDict[str]:
+def forward_headers(client: CIMultiDictProxy[str], hop: Hop, request_id: str) -> CIMultiDict[str]:
     dropped = _NOT_FORWARDED_TO_BACKEND | _connection_listed(client)
     headers = CIMultiDict((k, v) for k, v in client.items() if k.lower() not in dropped)
-    headers.update(route.headers)
-    if route.api_key:
-        headers["Authorization"] = f"Bearer {route.api_key}"
+    headers.update(hop.headers)
+    if hop.api_key:
+        headers["Authorization"] = f"Bearer {hop.api_key}"
     headers["X-Request-ID"] = request_id
     return headers
 
@@ -99,9 +97,9 @@ def returned_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in dropped)
 
 
-def upstream_url(route: Route, raw_tail: str, raw_query: str) -> URL:
+def upstream_url(hop: Hop, raw_tail: str, raw_query: str) -> URL:
     """The backend URL for a client path below `/v1`, already checked by `checked_tail`."""
-    url = f"{route.base_url}/{raw_tail}"
+    url = f"{hop.base_url}/{raw_tail}"
     if raw_query:
         url = f"{url}?{raw_query}"
     return URL(url, encoded=True)
@@ -128,7 +126,7 @@ class Deadline:
 
 async def send(
     session: aiohttp.ClientSession,
-    route: Route,
+    hop: Hop,
     method: str,
     url: URL,
     headers: CIMultiDict[str],
@@ -136,7 +134,7 @@ async def send(
     deadline: Deadline,
 ) -> aiohttp.ClientResponse:
     """Send the request and wait for the backend's status line and headers."""
-    timeouts = route.timeouts
+    timeouts = hop.timeouts
     first_byte = deadline.limit(timeouts.first_byte)
     client_timeout = aiohttp.ClientTimeout(
         total=None, connect=timeouts.connect, sock_connect=timeouts.connect
@@ -156,14 +154,14 @@ async def send(
         raise UpstreamError(
             "timeout_connect",
             504,
-            f"backend for model '{route.public_id}' ({route.backend}) did not accept a "
+            f"backend for model '{hop.public_id}' ({hop.backend}) did not accept a "
             f"connection within {timeouts.connect:g} s",
         ) from None
     except TimeoutError:
         raise UpstreamError(
             "timeout_first_byte",
             504,
-            f"backend for model '{route.public_id}' sent no response within {first_byte:g} s",
+            f"backend for model '{hop.public_id}' sent no response within {first_byte:g} s",
         ) from None
     except aiohttp.ClientConnectorError as exc:
         reason = (
@@ -172,22 +170,22 @@ async def send(
         raise UpstreamError(
             "refused",
             502,
-            f"backend for model '{route.public_id}' ({route.backend}) is unreachable: {reason}",
+            f"backend for model '{hop.public_id}' ({hop.backend}) is unreachable: {reason}",
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(
             "bad_response",
             502,
-            f"backend for model '{route.public_id}' ({route.backend}) failed before "
+            f"backend for model '{hop.public_id}' ({hop.backend}) failed before "
             f"responding: {exc.__class__.__name__}",
         ) from None
 
 
 async def read_chunks(
-    response: aiohttp.ClientResponse, route: Route, deadline: Deadline
+    response: aiohttp.ClientResponse, hop: Hop, deadline: Deadline
 ) -> AsyncIterator[bytes]:
     """The body as it arrives, failing with UpstreamError on idle gaps, total time or death."""
-    idle = route.timeouts.idle
+    idle = hop.timeouts.idle
     while True:
         try:
             async with asyncio.timeout(deadline.limit(idle)):
@@ -198,19 +196,19 @@ async def read_chunks(
                 raise UpstreamError(
                     "timeout_total",
                     504,
-                    f"backend for model '{route.public_id}' exceeded the total timeout "
-                    f"of {route.timeouts.total:g} s",
+                    f"backend for model '{hop.public_id}' exceeded the total timeout "
+                    f"of {hop.timeouts.total:g} s",
                 ) from None
             raise UpstreamError(
                 "timeout_idle",
                 504,
-                f"backend for model '{route.public_id}' sent nothing for {idle:g} s",
+                f"backend for model '{hop.public_id}' sent nothing for {idle:g} s",
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(
                 "died",
                 502,
-                f"backend for model '{route.public_id}' ({route.backend}) closed the connection "
+                f"backend for model '{hop.public_id}' ({hop.backend}) closed the connection "
                 f"before the response was complete ({exc.__class__.__name__})",
             ) from None
         if not chunk:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.backends import Backends
 from gateway.observe import record_of
 from gateway.redact import mask
-from gateway.routing import Snapshot
-from gateway.state import METRICS, SETTINGS, STORE
+from gateway.routing import Snapshot, Target
+from gateway.state import BACKENDS, DRAINING, METRICS, SETTINGS, STORE
 from wire.errors import AUTHENTICATION, INVALID_REQUEST, APIError
 
 
@@ -40,24 +42,39 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def _masked_config(snapshot: Snapshot) -> dict[str, Any]:
+def _masked_target(target: Target, backends: Backends, now: float) -> dict[str, Any]:
+    url = target.base_url
+    if url.password:
+        url = url.with_password("***")
+    return {
+        "url": str(url),
+        "apiKey": mask(target.api_key),
+        "actualModelName": target.model,
+        "headers": {name: mask(value) for name, value in target.headers.items()},
+        "weight": target.weight,
+        "maxConcurrent": target.max_concurrent,
+        "live": backends.state(target).as_dict(now),
+    }
+
+
+def _masked_config(snapshot: Snapshot, backends: Backends) -> dict[str, Any]:
+    now = time.monotonic()
     endpoints = {}
     for model_id, route in snapshot.routes.items():
-        url = route.base_url
-        if url.password:
-            url = url.with_password("***")
         endpoints[model_id] = {
             "displayName": route.display_name,
-            "url": str(url),
-            "apiKey": mask(route.api_key),
-            "actualModelName": route.upstream_model,
-            "headers": {name: mask(value) for name, value in route.headers.items()},
+            "strategy": route.strategy,
+            "retries": route.retries,
+            "retryOn": sorted(route.retry_on),
+            "queueTimeout": route.queue_timeout,
             "timeouts": route.timeouts.model_dump(by_alias=True),
+            "healthCheck": route.health_check.model_dump(by_alias=True),
+            "circuitBreaker": route.circuit_breaker.model_dump(by_alias=True),
+            "backends": [_masked_target(t, backends, now) for t in route.targets],
         }
     config = snapshot.config
     return {
         "endpoints": endpoints,
-        "timeouts": config.timeouts.model_dump(by_alias=True),
         "allowOrigins": list(config.allow_origins),
         "maxRequestBytes": config.max_request_bytes,
     }
@@ -74,9 +91,29 @@ async def debug(request: web.Request) -> web.Response:
             "source": snapshot.source,
             "loadedAt": snapshot.loaded_at,
             "lastReload": store.last_reload.as_dict() if store.last_reload else None,
-            "config": _masked_config(snapshot),
+            "config": _masked_config(snapshot, request.app[BACKENDS]),
         }
     )
+
+
+async def ready(request: web.Request) -> web.Response:
+    """200 when every model has a backend that can take requests; 503 with the detail when
+    not, or while the gateway drains before stopping (so load balancers move on)."""
+    record_of(request).route = "ready"
+    if request.app[DRAINING].is_set():
+        return web.json_response({"status": "draining"}, status=503)
+    backends = request.app[BACKENDS]
+    now = time.monotonic()
+    models: dict[str, dict[str, str]] = {}
+    unavailable = []
+    for model_id, route in request.app[STORE].current.routes.items():
+        states = {t.label: backends.state(t).health(now) for t in route.targets}
+        models[model_id] = states
+        if all(state == "ejected" for state in states.values()):
+            unavailable.append(model_id)
+    status = 503 if unavailable else 200
+    body = {"status": "unavailable" if unavailable else "ready", "unavailable": unavailable}
+    return web.json_response({**body, "models": models}, status=status)
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -104,6 +141,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/debug", debug)
     app.router.add_post("/reload", reload)
     app.router.add_get("/metrics", metrics)

@@ -9,13 +9,14 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from gateway.failover import Failover, NoBackend
 from gateway.multipart import boundary_of, replace_model_field
 from gateway.observe import record_of
 from gateway.relay import relay
 from gateway.rewrite import dumps
-from gateway.routing import Route, Snapshot
-from gateway.state import METRICS, REDACTOR, SESSION, STORE
-from gateway.upstream import Deadline, UpstreamError, forward_headers, send, upstream_url
+from gateway.routing import Hop, Route, Snapshot
+from gateway.state import BACKENDS, METRICS, POLICIES, REDACTOR, SESSION, STORE
+from gateway.upstream import Deadline, UpstreamError
 from wire.errors import INVALID_REQUEST, UPSTREAM_ERROR, APIError
 
 # Routes with a name of their own in metrics; any other path is "passthrough".
@@ -156,13 +157,13 @@ class _Body:
         self.payload = payload
         return model
 
-    def for_route(self, route: Route) -> bytes:
+    def for_hop(self, hop: Hop) -> bytes:
         if self._boundary is not None:
-            return replace_model_field(self.raw, self._boundary, route.upstream_model)[1]
+            return replace_model_field(self.raw, self._boundary, hop.upstream_model)[1]
         assert self.payload is not None
-        if route.upstream_model == self.model:
+        if hop.upstream_model == self.model:
             return self.raw
-        return dumps({**self.payload, "model": route.upstream_model})
+        return dumps({**self.payload, "model": hop.upstream_model})
 
 
 def _missing_model() -> APIError:
@@ -187,9 +188,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     route = snapshot.resolve(body.model)
     if route is None:
         raise _unknown_model(body.model, snapshot)
-    record.backend = route.backend
-    record.upstream_model = route.upstream_model
-    in_flight = request.app[METRICS].in_flight.labels(route.public_id)
+    in_flight = request.app[METRICS].in_flight.labels(request.app[METRICS].model_label(body.model))
     in_flight.inc()
     try:
         return await _forward(request, route, body, tail)
@@ -201,32 +200,42 @@ async def _forward(
     request: web.Request, route: Route, body: _Body, tail: str
 ) -> web.StreamResponse:
     record = record_of(request)
-    headers = forward_headers(request.headers, route, record.request_id)
-    if body.payload is not None and "Content-Type" not in headers:
-        headers["Content-Type"] = "application/json"
+    app = request.app
     deadline = Deadline(route.timeouts, record.started)
-    url = upstream_url(route, tail, request.rel_url.raw_query_string)
+    failover = Failover(
+        app[SESSION], app[BACKENDS], app[POLICIES], route, body.model, record, deadline
+    )
     try:
-        upstream = await send(
-            request.app[SESSION],
-            route,
+        sent = await failover.send(
             request.method,
-            url,
-            headers,
-            body.for_route(route),
-            deadline,
+            tail,
+            request.rel_url.raw_query_string,
+            request.headers,
+            body.for_hop,
+            "application/json" if body.payload is not None else None,
         )
     except UpstreamError as exc:
         record.error = exc.kind
         raise APIError(exc.status, exc.message, UPSTREAM_ERROR, None, exc.kind) from None
+    except NoBackend as exc:
+        record.error = exc.code
+        raise APIError(
+            exc.status,
+            exc.message,
+            UPSTREAM_ERROR,
+            None,
+            exc.code,
+            headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+        ) from None
 
+    upstream, hop = sent.response, sent.hop
     completed = False
     try:
-        response = await relay(request, upstream, route, record, deadline, request.app[REDACTOR])
+        response = await relay(request, upstream, hop, record, deadline, app[REDACTOR])
         completed = record.error is None
         return response
     except UpstreamError as exc:
-        record.error = exc.kind
+        record.fail(exc.kind)
         raise APIError(exc.status, exc.message, UPSTREAM_ERROR, None, exc.kind) from None
     finally:
         # A body not read to its end (client gone, backend failed) must close the connection:
@@ -235,6 +244,9 @@ async def _forward(
             upstream.release()
         else:
             upstream.close()
+        if record.error and record.error != "client_disconnected":
+            app[BACKENDS].failed(sent.state, route.circuit_breaker, record.error)
+        app[BACKENDS].end(sent.state)
 
 
 async def proxy_unprefixed(request: web.Request) -> web.StreamResponse:

@@ -50,10 +50,11 @@ def test_the_plain_format_from_the_design(tmp_path: Path) -> None:
     )
     config = load_config(path, {"WORKER_API_KEY": "sk-from-env"})
     route = Snapshot(config, str(path), 1).resolve("llama-8b")
-    assert route.api_key == "sk-from-env"
+    (target,) = route.targets
+    assert target.api_key == "sk-from-env"
     assert route.display_name == "Llama 3 8B (GPU)"
-    assert route.upstream_model == "meta-llama/Meta-Llama-3-8B-Instruct"
-    assert str(route.base_url) == "http://worker:8000/v1"
+    assert target.model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert str(target.base_url) == "http://worker:8000/v1"
 
 
 def test_yaml_with_the_same_schema(tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_missing_variable_names_it_and_where(tmp_path: Path) -> None:
         ),
         (
             '{"endpoints": {"llama-8b": {"displayName": "x"}}}',
-            "endpoints.llama-8b.url: Field required",
+            "endpoints.llama-8b: needs `url` (one backend) or `backends` (several)",
         ),
         ('{"endpoints": {}}', "endpoints: at least one endpoint is needed"),
         ('{"endpoint": {}}', "endpoint: unknown key"),
@@ -198,7 +199,7 @@ def test_plus_interpolation_and_enabled_switch(tmp_path: Path) -> None:
     assert list(off.routes) == ["local"]
     on = Snapshot(load_config(path, {"KEY": "sk-123456789"}), str(path), 1)
     assert list(on.routes) == ["local", "hosted"]
-    assert on.resolve("hosted").api_key == "sk-123456789"
+    assert on.resolve("hosted").targets[0].api_key == "sk-123456789"
 
 
 def test_enabled_rejects_other_words(tmp_path: Path) -> None:

@@ -50,10 +50,11 @@ async def test_debug_masks_every_secret(make_gateway, backend, http) -> None:
     for secret in (KEY, "tok-9876543210-secret", "hunter2-password", '"short"'):
         assert secret not in text
     debug = json.loads(text)
-    llama = debug["config"]["endpoints"]["llama"]
+    (llama,) = debug["config"]["endpoints"]["llama"]["backends"]
     assert llama["apiKey"] == "sk-...cdef"
     assert llama["actualModelName"] == "real"
-    assert debug["config"]["endpoints"]["other"]["apiKey"] == "***"
+    assert llama["live"]["state"] == "healthy"
+    assert debug["config"]["endpoints"]["other"]["backends"][0]["apiKey"] == "***"
     assert debug["version"] == 1
     assert debug["source"] == str(gw.config_path)
     assert debug["loadedAt"] > 0
@@ -236,7 +237,8 @@ async def test_metrics_count_upstream_errors_by_kind(make_gateway, backend, http
     async with http.post(gw.url + "/v1/chat/completions", json={"model": "nope"}):
         pass
     text = gw.app[METRICS].render().decode()
-    assert 'gateway_upstream_errors_total{kind="http_500",model="llama"} 1.0' in text
+    # the first attempt and both retries
+    assert 'gateway_upstream_errors_total{kind="http_500",model="llama"} 3.0' in text
 
 
 async def test_cors_off_by_default(make_gateway, backend, http) -> None:

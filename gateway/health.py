@@ -1,0 +1,69 @@
+"""Active health checks: optional, cheap (`GET <url>/models`, never a completion), feeding
+the same circuit breaker as passive detection from real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from gateway.routing import Route, Target
+from gateway.state import BACKENDS, SESSION, STORE
+
+log = structlog.get_logger("gateway.health")
+
+TICK = 0.5  # how often due probes are looked for
+
+
+async def probe(session: aiohttp.ClientSession, route: Route, target: Target) -> str | None:
+    """None when healthy, else what went wrong."""
+    check = route.health_check
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    headers.update(target.headers)
+    url = f"{target.base_url}{check.path}"
+    try:
+        async with (
+            asyncio.timeout(check.timeout),
+            session.get(url, headers=headers, allow_redirects=False) as response,
+        ):
+            await response.read()
+            return None if response.status < 500 else f"health_http_{response.status}"
+    except TimeoutError:
+        return "health_timeout"
+    except (aiohttp.ClientError, OSError):
+        return "health_unreachable"
+
+
+async def run_health_checks(app: web.Application) -> None:
+    """Probe every backend whose route sets healthCheck.interval, each on its own clock."""
+    due: dict[str, float] = {}
+    while True:
+        await asyncio.sleep(TICK)
+        now = time.monotonic()
+        jobs = []
+        for route in app[STORE].current.routes.values():
+            interval = route.health_check.interval
+            if interval is None:
+                continue
+            for target in route.targets:
+                if due.get(target.key, 0.0) <= now:
+                    due[target.key] = now + interval
+                    jobs.append(_check(app, route, target))
+        if jobs:
+            await asyncio.gather(*jobs)
+
+
+async def _check(app: web.Application, route: Route, target: Target) -> None:
+    backends = app[BACKENDS]
+    state = backends.state(target)
+    if state.probing:
+        return  # real traffic is probing it already
+    problem = await probe(app[SESSION], route, target)
+    if problem is None:
+        backends.succeeded(state)
+    else:
+        log.info("health check failed", backend=target.label, problem=problem)
+        backends.failed(state, route.circuit_breaker, problem)

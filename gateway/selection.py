@@ -1,0 +1,73 @@
+"""Selection policies: small interchangeable objects that order a route's backends for a
+request. The proxy tries them in that order, skipping ones that cannot take it."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Protocol
+
+from gateway.backends import Backends
+from gateway.routing import Route, Target
+
+
+class Policy(Protocol):
+    def order(self, targets: Sequence[Target], backends: Backends) -> list[Target]:
+        """Every target, best first."""
+        ...
+
+
+class LeastBusy:
+    """Fewest requests in flight per unit of weight; ties broken at random, so equally idle
+    replicas share the load instead of the first one getting everything."""
+
+    def order(self, targets: Sequence[Target], backends: Backends) -> list[Target]:
+        return sorted(
+            targets,
+            key=lambda t: (backends.state(t).in_flight / t.weight, random.random()),
+        )
+
+
+class WeightedRoundRobin:
+    """Smooth weighted round robin (as nginx does it): weights 5:1:1 give a a b a c a a,
+    not a a a a a b c."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, float] = {}
+
+    def order(self, targets: Sequence[Target], backends: Backends) -> list[Target]:
+        total = sum(t.weight for t in targets)
+        for t in targets:
+            self._current[t.key] = self._current.get(t.key, 0.0) + t.weight
+        ranked = sorted(targets, key=lambda t: self._current[t.key], reverse=True)
+        self._current[ranked[0].key] -= total
+        return ranked
+
+
+class Priority:
+    """In the order configured: the first is the primary, the rest are fallbacks."""
+
+    def order(self, targets: Sequence[Target], backends: Backends) -> list[Target]:
+        return list(targets)
+
+
+class Policies:
+    """One policy object per route (round robin keeps a position), kept across reloads."""
+
+    def __init__(self) -> None:
+        self._by_route: dict[tuple[str, str], Policy] = {}
+
+    def for_route(self, route: Route) -> Policy:
+        key = (route.public_id, route.strategy)
+        policy = self._by_route.get(key)
+        if policy is None:
+            policy = self._by_route[key] = _make(route.strategy)
+        return policy
+
+
+def _make(strategy: str) -> Policy:
+    if strategy == "weighted-round-robin":
+        return WeightedRoundRobin()
+    if strategy == "priority":
+        return Priority()
+    return LeastBusy()
