@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="""other environment variables:
   GATEWAY_ADMIN_KEY  when set, /debug and /reload need 'Authorization: Bearer <key>'
   ALLOW_ORIGINS      comma-separated CORS origins (overrides the file's allowOrigins)
+  GATEWAY_DRAIN_TIMEOUT  seconds in-flight requests get to finish on SIGTERM (default 30)
   LOG_FORMAT         json or console (default: json unless stderr is a terminal)
   LOG_LEVEL          default INFO""",
     )
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return check(args.config)
     from gateway.app import build_app
-    from gateway.server import serve_forever
+    from gateway.server import DEFAULT_DRAIN_TIMEOUT, serve_forever
     from gateway.state import Settings
 
     origins = os.environ.get("ALLOW_ORIGINS")
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve_forever(app, args.host, args.port))
+    drain = float(os.environ.get("GATEWAY_DRAIN_TIMEOUT") or DEFAULT_DRAIN_TIMEOUT)
+    asyncio.run(serve_forever(app, args.host, args.port, drain))
     return 0
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.backends import Backends
+from gateway.catalog import Catalog
 from gateway.cors import add_cors_headers, cors_middleware
+from gateway.discovery import run_discovery
 from gateway.handlers import admin, openai
 from gateway.health import run_health_checks
 from gateway.logs import configure_logging
@@ -22,6 +24,7 @@ from gateway.routing import Snapshot
 from gateway.selection import Policies
 from gateway.state import (
     BACKENDS,
+    CATALOG,
     DRAINING,
     METRICS,
     POLICIES,
@@ -79,10 +82,12 @@ def build_app(
     app[BACKENDS] = backends
     app[POLICIES] = Policies()
     app[DRAINING] = asyncio.Event()
+    app[CATALOG] = Catalog()
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_cors_headers)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_background(run_health_checks))
+    app.cleanup_ctx.append(_background(run_discovery))
     if watch:
         app.cleanup_ctx.append(_config_watcher)
     admin.add_routes(app)

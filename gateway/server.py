@@ -8,16 +8,24 @@ import signal
 import structlog
 from aiohttp import web
 
-from gateway.state import STORE
+from gateway.state import DRAINING, STORE
 
 log = structlog.get_logger("gateway.server")
 
 
-async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start serving; the bound port is in `runner.addresses`."""
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+async def start(
+    app: web.Application, host: str, port: int, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+) -> web.AppRunner:
+    """Start serving; the bound port is in `runner.addresses`. On cleanup the runner stops
+    listening, then lets in-flight requests (streams included) finish for `drain_timeout`."""
     # handler_cancellation: a client that goes away cancels its handler, which closes the
     # backend connection, which stops the backend generating for nobody.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=30)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -28,14 +36,16 @@ def bound_port(runner: web.AppRunner) -> int:
     return runner.addresses[0][1]
 
 
-async def serve_forever(app: web.Application, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM; SIGHUP reloads the config."""
+async def serve_forever(
+    app: web.Application, host: str, port: int, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+) -> None:
+    """Serve until SIGINT/SIGTERM, then drain; SIGHUP reloads the config."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: app[STORE].reload("sighup"))
-    runner = await start(app, host, port)
+    runner = await start(app, host, port, drain_timeout)
     log.info(
         "gateway listening",
         host=host,
@@ -46,5 +56,7 @@ async def serve_forever(app: web.Application, host: str, port: int) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("gateway stopping")
+        app[DRAINING].set()
+        log.info("gateway draining", drain_timeout_s=drain_timeout)
         await runner.cleanup()
+        log.info("gateway stopped")

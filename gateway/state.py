@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.backends import Backends
+from gateway.catalog import Catalog
 from gateway.metrics import Metrics
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
@@ -32,3 +33,4 @@ BACKENDS = web.AppKey("backends", Backends)
 POLICIES = web.AppKey("policies", Policies)
 # Set when SIGTERM starts the drain: /ready answers 503 while in-flight requests finish.
 DRAINING = web.AppKey("draining", asyncio.Event)
+CATALOG = web.AppKey("catalog", Catalog)

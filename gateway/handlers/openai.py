@@ -9,13 +9,14 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from gateway.catalog import Catalog
 from gateway.failover import Failover, NoBackend
 from gateway.multipart import boundary_of, replace_model_field
 from gateway.observe import record_of
 from gateway.relay import relay
 from gateway.rewrite import dumps
 from gateway.routing import Hop, Route, Snapshot
-from gateway.state import BACKENDS, METRICS, POLICIES, REDACTOR, SESSION, STORE
+from gateway.state import BACKENDS, CATALOG, METRICS, POLICIES, REDACTOR, SESSION, STORE
 from gateway.upstream import Deadline, UpstreamError
 from wire.errors import INVALID_REQUEST, UPSTREAM_ERROR, APIError
 
@@ -28,31 +29,50 @@ NAMED_ROUTES = {
 _STARTED = int(time.time())
 
 
-def _model_card(route: Route) -> dict[str, Any]:
+def _model_card(model_id: str, name: str) -> dict[str, Any]:
     return {
-        "id": route.public_id,
+        "id": model_id,
         "object": "model",
         "created": _STARTED,
         "owned_by": "gateway",
-        "name": route.display_name,
+        "name": name,
     }
+
+
+def _cards(route: Route, catalog: Catalog) -> list[dict[str, Any]]:
+    """One card per public model, never per replica; a wildcard route lists what its backend
+    serves (as last fetched), never the pattern itself."""
+    if not route.wildcard:
+        return [_model_card(route.public_id, route.display_name)]
+    return [_model_card(route.prefix + m, _wildcard_name(route, m)) for m in catalog.models(route)]
+
+
+def _wildcard_name(route: Route, model: str) -> str:
+    if route.display_name == route.public_id:
+        return route.prefix + model
+    return f"{route.display_name}: {model}"
 
 
 async def list_models(request: web.Request) -> web.Response:
     """Answered from memory: UIs call this on every page load and must never wait on a backend."""
     record_of(request).route = "models"
     snapshot = request.app[STORE].current
-    data = [_model_card(route) for route in snapshot.routes.values()]
+    catalog = request.app[CATALOG]
+    data = [card for route in snapshot.routes.values() for card in _cards(route, catalog)]
     return web.json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
     record_of(request).route = "models"
     model_id = request.match_info["model_id"]
-    route = request.app[STORE].current.resolve(model_id)
+    snapshot = request.app[STORE].current
+    route = snapshot.resolve(model_id)
     if route is None:
-        raise _unknown_model(model_id, request.app[STORE].current)
-    return web.json_response(_model_card(route))
+        raise _unknown_model(model_id, snapshot)
+    if route.wildcard:
+        name = _wildcard_name(route, model_id[len(route.prefix) :])
+        return web.json_response(_model_card(model_id, name))
+    return web.json_response(_model_card(route.public_id, route.display_name))
 
 
 def _unknown_model(model: str, snapshot: Snapshot) -> APIError:

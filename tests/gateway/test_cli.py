@@ -160,3 +160,66 @@ async def test_served_process_env_config_sighup_and_logs(tmp_path, backend, http
     assert any(
         r.get("event") == "config reloaded" and r.get("trigger") == "sighup" for r in records
     )
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_drains_in_flight_streams(tmp_path, backend, http) -> None:
+    """SIGTERM: stop accepting, let the running stream finish, then exit 0."""
+    from aiohttp import web
+
+    from tests.gateway.backend import chunk, sse, start_sse
+
+    async def slow(request: web.Request, received) -> web.StreamResponse:
+        response = await start_sse(request)
+        for _ in range(8):
+            await response.write(sse(chunk("real", "tok")))
+            await asyncio.sleep(0.25)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    backend.handler = slow
+    config_path = tmp_path / "gateway.json"
+    config_path.write_text(json.dumps({"endpoints": {"m": {"url": backend.url}}}))
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "--config",
+            str(config_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "LOG_FORMAT": "json", "GATEWAY_DRAIN_TIMEOUT": "20"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(http, url, process)
+        async with (
+            aiohttp.ClientSession() as own,
+            own.post(url + "/v1/chat/completions", json={"model": "m", "stream": True}) as response,
+        ):
+            await response.content.readuntil(b"\n\n")
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            # no new connections while draining
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with http.get(url + "/health"):
+                    pass
+            rest = await response.read()
+        assert rest.endswith(b"data: [DONE]\n\n")
+        assert rest.count(b'"tok"') == 7
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=20)
+        assert process.returncode == 0
+        assert "gateway draining" in stderr and "gateway stopped" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
