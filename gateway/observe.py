@@ -27,7 +27,8 @@ class RequestRecord:
     request_id: str
     route: str = "other"
     started: float = field(default_factory=time.monotonic)
-    model: str | None = None
+    model: str | None = None  # as the client sent it (logged)
+    route_id: str | None = None  # the configured id it matched (`ollama/*`): the metric label
     backend: str | None = None
     upstream_model: str | None = None
     upstream_status: int | None = None
@@ -95,7 +96,7 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 def _finish(request: web.Request, record: RequestRecord, status: int, metrics: Metrics) -> None:
     now = time.monotonic()
     duration = now - record.started
-    model = metrics.model_label(record.model)
+    model = metrics.model_label(record.route_id or record.model)
     metrics.requests.labels(model, record.route, str(status)).inc()
     metrics.duration.labels(model, record.route).observe(duration)
     ttft = None

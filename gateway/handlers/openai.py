@@ -208,7 +208,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     route = snapshot.resolve(body.model)
     if route is None:
         raise _unknown_model(body.model, snapshot)
-    in_flight = request.app[METRICS].in_flight.labels(request.app[METRICS].model_label(body.model))
+    record.route_id = route.public_id
+    in_flight = request.app[METRICS].in_flight.labels(route.public_id)
     in_flight.inc()
     try:
         return await _forward(request, route, body, tail)

@@ -475,3 +475,7 @@ async def test_wildcard_route_lists_and_routes_backend_models(make_gateway, back
     assert model.model_extra["name"] == "Ollama: qwen2.5"
     with pytest.raises(openai.NotFoundError):
         await gw.openai().chat.completions.create(model="ollama/", messages=[])
+    text = gw.app[METRICS].render().decode()
+    assert (
+        'gateway_requests_total{model="ollama/*",route="chat.completions",status="200"} 1.0' in text
+    )
