@@ -90,7 +90,10 @@ class Backends:
         return state
 
     def end(self, state: BackendState) -> None:
+        """The request is over. A probe that ended without a verdict (its client went away)
+        must not leave the backend waiting for one forever: the next request probes."""
         state.in_flight -= 1
+        state.probing = False
         self._wake()
 
     async def wait_for_change(self, at_most: float) -> None:

@@ -479,3 +479,35 @@ async def test_wildcard_route_lists_and_routes_backend_models(make_gateway, back
     assert (
         'gateway_requests_total{model="ollama/*",route="chat.completions",status="200"} 1.0' in text
     )
+
+
+async def test_probe_abandoned_by_its_client_does_not_block_the_backend(
+    make_gateway, backend, http
+) -> None:
+    calls = 0
+
+    async def handler(request: web.Request, received: Received) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return await answering(500)(request, received)
+        if calls == 2:
+            return await ok_after(5)  # the probe: its client gives up first
+        return await ok_after(0)
+
+    backend.handler = handler
+    cfg = {
+        "endpoints": {"m": {"url": backend.url}},
+        "retries": 0,
+        "circuitBreaker": {"failures": 1, "cooldown": 0.3},
+    }
+    gw = await make_gateway(cfg)
+    with pytest.raises(openai.InternalServerError):
+        await gw.openai().chat.completions.create(model="m", messages=[])
+    await asyncio.sleep(0.4)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await http.post(gw.url + "/v1/chat/completions", json={"model": "m"})
+    await asyncio.sleep(0.2)
+    completion = await gw.openai().chat.completions.create(model="m", messages=[])
+    assert completion.model == "m" and calls == 3
