@@ -98,14 +98,21 @@ async def _relay_events(
     splitter = SSESplitter()
     try:
         async for chunk in read_chunks(upstream, hop, deadline):
-            for event in splitter.feed(chunk):
-                out = rewrite_event(event, hop.public_id)
-                if record.first_byte_at is None:
-                    record.first_byte_at = time.monotonic()
-                usage = usage_of(out.payload)
+            events = splitter.feed(chunk)
+            if not events:
+                continue
+            # Events that arrived together leave together: one write (one send) per network
+            # read, not per event. Nothing waits for more data, so nothing is buffered.
+            out = []
+            for event in events:
+                rewritten = rewrite_event(event, hop.public_id)
+                usage = usage_of(rewritten.payload)
                 if usage:
                     record.prompt_tokens, record.completion_tokens = usage
-                await response.write(out.data)
+                out.append(rewritten.data)
+            if record.first_byte_at is None:
+                record.first_byte_at = time.monotonic()
+            await response.write(b"".join(out))
         if splitter.pending.strip():
             raise UpstreamError(
                 "died",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,11 +75,26 @@ def rewrite_json_body(body: bytes, public_id: str) -> RewrittenBody:
     return RewrittenBody(body, upstream_model, usage)
 
 
+_FAST_PAYLOAD: object = None  # the fast path does not parse: no payload to report
+
+
 @dataclass(slots=True)
 class RewrittenEvent:
     data: bytes
     payload: Any  # the parsed JSON of the event's data, or None
     done: bool
+
+
+# A single-line `data:` event whose JSON object starts with simple scalar members and then
+# `"model": "<string>"`, as OpenAI, vLLM, Ollama and llama.cpp all send their chunks. The
+# members before it being plain scalars proves the key is top level, so its value can be
+# swapped in place without parsing the event.
+_FAST_EVENT = re.compile(
+    rb'\Adata: ?(\{\s*(?:"[A-Za-z_]+"\s*:\s*(?:"[^"\\\n]*"|-?\d+|null|true|false)\s*,\s*)*'
+    rb'"model"\s*:\s*)"(?:[^"\\\n]|\\.)*"([^\r\n]*)(?:\r?\n){2}\Z'
+)
+# Only events that carry usage (or a nested Responses-API object) need a full parse.
+_NEEDS_PARSE = re.compile(rb'"usage"\s*:\s*\{|"response"\s*:|"model"\s*:')
 
 
 def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
@@ -87,6 +103,12 @@ def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
     Comment, `event:` and `id:` lines keep their place; multi-line `data:` is joined as the
     SSE spec says and re-emitted as one line. Events that are not JSON pass byte for byte.
     """
+    fast = _FAST_EVENT.match(event)
+    if fast is not None and not _NEEDS_PARSE.search(event, fast.end(1)):
+        # The common chunk: the model swapped in place, no parse, no re-encode.
+        head, tail = fast.group(1), fast.group(2)
+        data = head + json.dumps(public_id, ensure_ascii=False).encode() + tail
+        return RewrittenEvent(b"data: " + data + b"\n\n", _FAST_PAYLOAD, False)
     lines = event.splitlines()
     while lines and not lines[-1]:  # the blank line that ends the event
         lines.pop()

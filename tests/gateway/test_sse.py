@@ -59,3 +59,49 @@ def test_rewrite_leaves_events_without_model_byte_for_byte() -> None:
         b"data: {bad\n\n",
     ):
         assert rewrite_event(event, "public").data == event
+
+
+_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8))
+_json = st.recursive(
+    _json_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(
+            st.sampled_from(["model", "content", "x", "response"]), children, max_size=3
+        ),
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    prefix=st.dictionaries(
+        st.sampled_from(["id", "object", "created", "system_fingerprint"]),
+        st.one_of(st.text(max_size=10), st.integers(), st.none()),
+        max_size=4,
+    ),
+    model=st.text(max_size=20),
+    rest=st.dictionaries(
+        st.sampled_from(["choices", "usage", "extra", "response", "model_info"]), _json, max_size=3
+    ),
+    compact=st.booleans(),
+    public=st.text(min_size=1, max_size=10),
+)
+def test_fast_path_rewrites_exactly_like_a_full_parse(prefix, model, rest, compact, public) -> None:
+    """Whatever the chunk holds (quotes, escapes, unicode, nested `model` keys, usage),
+    the in-place rewrite gives the same JSON as parsing and re-encoding it."""
+    payload = {**prefix, "model": model, **{k: v for k, v in rest.items() if k not in prefix}}
+    separators = (",", ":") if compact else (", ", ": ")
+    event = b"data: " + json.dumps(payload, separators=separators).encode() + b"\n\n"
+    out = rewrite_event(event, public)
+    assert out.data.endswith(b"\n\n") and out.data.count(b"\n") == 2
+    expected = json.loads(json.dumps(payload))
+    expected["model"] = public
+    if isinstance(expected.get("response"), dict) and isinstance(
+        expected["response"].get("model"), str
+    ):
+        expected["response"]["model"] = public
+    assert json.loads(out.data[6:]) == expected
+    usage = payload.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        assert out.payload is not None  # usage events are parsed, so tokens are counted
