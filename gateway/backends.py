@@ -50,6 +50,14 @@ class BackendState:
         }
 
 
+@dataclass(slots=True)
+class Ticket:
+    """One request's hold on a backend, from `begin` to `end`."""
+
+    state: BackendState
+    probe: bool  # sent while the breaker was half-open: its outcome decides
+
+
 @dataclass
 class Backends:
     """The registry; one per gateway process."""
@@ -80,20 +88,23 @@ class Backends:
         health = state.health(now)
         return health == "healthy" or (health == "half-open" and not state.probing)
 
-    def begin(self, target: Target, now: float) -> BackendState:
+    def begin(self, target: Target, now: float) -> Ticket:
         """Count the request in before it is sent (load accounting must be exact)."""
         state = self.state(target)
-        if state.health(now) == "half-open":
+        probe = state.health(now) == "half-open"
+        if probe:
             state.probing = True
         state.in_flight += 1
         state.requests += 1
-        return state
+        return Ticket(state, probe)
 
-    def end(self, state: BackendState) -> None:
+    def end(self, ticket: Ticket) -> None:
         """The request is over. A probe that ended without a verdict (its client went away)
         must not leave the backend waiting for one forever: the next request probes."""
+        state = ticket.state
         state.in_flight -= 1
-        state.probing = False
+        if ticket.probe:
+            state.probing = False
         self._wake()
 
     async def wait_for_change(self, at_most: float) -> None:
@@ -109,7 +120,12 @@ class Backends:
 
     # -- passive health --------------------------------------------------------------------
 
-    def succeeded(self, state: BackendState) -> None:
+    def succeeded(self, ticket: Ticket) -> None:
+        """A request completed well. Only the half-open probe closes an open breaker: a
+        request that was already under way when the backend was ejected proves nothing."""
+        state = ticket.state
+        if state.ejected_until and not ticket.probe:
+            return
         if state.ejected_until:
             log.info("backend recovered", backend=state.label)
             self._wake()
@@ -117,13 +133,15 @@ class Backends:
         state.ejected_until = 0.0
         state.probing = False
 
-    def failed(self, state: BackendState, breaker: CircuitBreaker, error: str) -> None:
+    def failed(self, ticket: Ticket, breaker: CircuitBreaker, error: str) -> None:
+        state = ticket.state
         now = time.monotonic()
         state.failures += 1
         state.consecutive_failures += 1
         state.last_error = error
-        reopen = state.probing or state.health(now) == "half-open"
-        state.probing = False
+        reopen = ticket.probe or state.health(now) == "half-open"
+        if ticket.probe:
+            state.probing = False
         if reopen or state.consecutive_failures >= breaker.failures:
             if state.health(now) != "ejected":
                 state.ejections += 1

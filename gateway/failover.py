@@ -14,11 +14,19 @@ import aiohttp
 import structlog
 from multidict import CIMultiDictProxy
 
-from gateway.backends import Backends, BackendState
+from gateway.backends import Backends, Ticket
 from gateway.observe import RequestRecord
 from gateway.routing import Hop, Route, Target
 from gateway.selection import Policies
-from gateway.upstream import Deadline, UpstreamError, forward_headers, send, upstream_url
+from gateway.upstream import (
+    Deadline,
+    UpstreamError,
+    forward_headers,
+    read_chunks,
+    send,
+    upstream_url,
+)
+from wire.sse import EventTooLarge, SSESplitter
 
 log = structlog.get_logger("gateway.failover")
 
@@ -42,11 +50,51 @@ class NoBackend(Exception):
 
 @dataclass(slots=True)
 class Sent:
-    """A backend's response (status and headers in, body not read yet) and its slot."""
+    """A backend's response and its slot: status and headers in, and `head`, the body's
+    start already read (a stream's first event, or a whole JSON body when `complete`)."""
 
     hop: Hop
     response: aiohttp.ClientResponse
-    state: BackendState
+    ticket: Ticket
+    head: bytes
+    complete: bool
+
+
+def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    content_type = response.headers.get("Content-Type", "").lower()
+    return content_type.startswith("text/event-stream") and response.status < 400
+
+
+def is_json_like(response: aiohttp.ClientResponse) -> bool:
+    return "json" in response.headers.get("Content-Type", "").lower() or response.status >= 400
+
+
+async def prefetch(
+    response: aiohttp.ClientResponse, hop: Hop, deadline: Deadline
+) -> tuple[bytes, bool]:
+    """Read what must arrive before the client is answered: a stream's first whole event,
+    or a whole JSON (or error) body. Other bodies (audio, images) are not read ahead."""
+    if is_event_stream(response):
+        splitter = SSESplitter()
+        head = bytearray()
+        async for chunk in read_chunks(response, hop, deadline):
+            head += chunk
+            try:
+                if splitter.feed(chunk):
+                    return bytes(head), False
+            except EventTooLarge as exc:
+                raise UpstreamError("event_too_large", 502, str(exc)) from None
+        if splitter.pending.strip():
+            raise UpstreamError(
+                "died", 502, f"backend for model '{hop.public_id}' ended the stream inside an event"
+            )
+        return bytes(head), True
+    if is_json_like(response):
+        body = bytearray()
+        async for chunk in read_chunks(response, hop, deadline):
+            body += chunk
+        return bytes(body), True
+    return b"", False
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -102,7 +150,7 @@ class Failover:
                 await self._sleep(backoff(attempt - 1))
             waited = False
             tried.add(target.key)
-            state = self.backends.begin(target, time.monotonic())
+            ticket = self.backends.begin(target, time.monotonic())
             hop = route.hop(self.model, target)
             self.record.backend = hop.backend
             self.record.upstream_model = hop.upstream_model
@@ -112,41 +160,47 @@ class Failover:
                 headers["Content-Type"] = content_type
             url = upstream_url(hop, tail, raw_query)
             last_attempt = attempt >= route.retries
+            response: aiohttp.ClientResponse | None = None
             try:
                 response = await send(
                     self.session, hop, method, url, headers, body_for(hop), self.deadline
                 )
+                if response.status in route.retry_on and not last_attempt:
+                    wait = retry_after_seconds(response.headers.get("Retry-After"))
+                    elsewhere = self._alternative(tried)
+                    honour = wait is not None and wait <= RETRY_AFTER_CAP
+                    # A long Retry-After with nowhere else to go: the client gets the answer.
+                    if wait is None or honour or elsewhere:
+                        self._discard(response, ticket)
+                        self.record.failures.append(f"http_{response.status}")
+                        attempt += 1
+                        if honour and not elsewhere:
+                            await self._sleep(wait or 0.0)
+                            waited = True
+                        continue
+                # Still nothing sent to the client: a stream's first event, or a whole JSON
+                # body, is read here, so a backend failing before it can still be retried.
+                head, complete = await prefetch(response, hop, self.deadline)
             except UpstreamError as exc:
-                self.backends.end(state)
-                self.backends.failed(state, route.circuit_breaker, exc.kind)
+                if response is not None:
+                    response.close()
+                self.backends.failed(ticket, route.circuit_breaker, exc.kind)
+                self.backends.end(ticket)
                 self.record.failures.append(exc.kind)
                 if last_attempt or self._out_of_time():
                     raise
                 attempt += 1
                 continue
             except BaseException:
-                self.backends.end(state)  # cancelled (client gone): the slot must not leak
+                # Cancelled (the client went away): the connection and the slot must not leak.
+                if response is not None:
+                    response.close()
+                self.backends.end(ticket)
                 raise
-
-            if response.status in route.retry_on and not last_attempt:
-                wait = retry_after_seconds(response.headers.get("Retry-After"))
-                elsewhere = self._alternative(tried)
-                honour = wait is not None and wait <= RETRY_AFTER_CAP
-                # A long Retry-After with nowhere else to go: the client gets the answer.
-                if wait is None or honour or elsewhere:
-                    self._discard(response, state)
-                    self.record.failures.append(f"http_{response.status}")
-                    attempt += 1
-                    if honour and not elsewhere:
-                        await self._sleep(wait or 0.0)
-                        waited = True
-                    continue
             if response.status >= 500:
-                self.backends.failed(state, route.circuit_breaker, f"http_{response.status}")
+                self.backends.failed(ticket, route.circuit_breaker, f"http_{response.status}")
                 self.record.failures.append(f"http_{response.status}")
-            else:
-                self.backends.succeeded(state)
-            return Sent(hop, response, state)
+            return Sent(hop, response, ticket, head, complete)
 
     def _choose(self, tried: set[str]) -> Target | None:
         """The policy's best backend that can take a request now, untried ones first."""
@@ -187,11 +241,11 @@ class Failover:
         # Re-check at least twice a second: a wake-up may be missed between check and wait.
         await self.backends.wait_for_change(min(0.5, until - now))
 
-    def _discard(self, response: aiohttp.ClientResponse, state: BackendState) -> None:
+    def _discard(self, response: aiohttp.ClientResponse, ticket: Ticket) -> None:
         if response.status >= 500:
-            self.backends.failed(state, self.route.circuit_breaker, f"http_{response.status}")
+            self.backends.failed(ticket, self.route.circuit_breaker, f"http_{response.status}")
         response.close()
-        self.backends.end(state)
+        self.backends.end(ticket)
 
     async def _sleep(self, seconds: float) -> None:
         remaining = self.deadline.remaining_total()

@@ -10,6 +10,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from gateway.backends import Ticket
 from gateway.routing import Route, Target
 from gateway.state import BACKENDS, SESSION, STORE
 
@@ -62,8 +63,10 @@ async def _check(app: web.Application, route: Route, target: Target) -> None:
     if state.probing:
         return  # real traffic is probing it already
     problem = await probe(app[SESSION], route, target)
+    # An active check is a probe: it may close the breaker, or keep it open.
+    ticket = Ticket(state, probe=state.health(time.monotonic()) != "healthy")
     if problem is None:
-        backends.succeeded(state)
+        backends.succeeded(ticket)
     else:
         log.info("health check failed", backend=target.label, problem=problem)
-        backends.failed(state, route.circuit_breaker, problem)
+        backends.failed(ticket, route.circuit_breaker, problem)

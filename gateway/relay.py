@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.failover import Sent, is_event_stream, is_json_like
 from gateway.observe import RequestRecord
 from gateway.redact import Redactor
 from gateway.rewrite import rewrite_event, rewrite_json_body, usage_of
@@ -28,36 +30,37 @@ def _headers(upstream: aiohttp.ClientResponse, hop: Hop) -> CIMultiDict[str]:
 
 async def relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    hop: Hop,
+    sent: Sent,
     record: RequestRecord,
     deadline: Deadline,
     redactor: Redactor,
 ) -> web.StreamResponse:
+    upstream, hop = sent.response, sent.hop
     record.upstream_status = upstream.status
-    content_type = upstream.headers.get("Content-Type", "").lower()
-    if content_type.startswith("text/event-stream") and upstream.status < 400:
-        return await _relay_events(request, upstream, hop, record, deadline)
-    if "json" in content_type or upstream.status >= 400:
-        return await _relay_json(upstream, hop, record, deadline, redactor)
-    return await _relay_bytes(request, upstream, hop, record, deadline)
+    chunks = _body(sent, deadline)
+    if is_event_stream(upstream):
+        return await _relay_events(request, upstream, hop, record, chunks)
+    if is_json_like(upstream):
+        return await _relay_json(upstream, hop, record, sent.head, redactor)
+    return await _relay_bytes(request, upstream, hop, record, chunks)
 
 
-async def _read_all(upstream: aiohttp.ClientResponse, hop: Hop, deadline: Deadline) -> bytes:
-    body = bytearray()
-    async for chunk in read_chunks(upstream, hop, deadline):
-        body += chunk
-    return bytes(body)
+async def _body(sent: Sent, deadline: Deadline) -> AsyncIterator[bytes]:
+    """The body: what was read ahead while choosing the backend, then the rest as it comes."""
+    if sent.head:
+        yield sent.head
+    if not sent.complete:
+        async for chunk in read_chunks(sent.response, sent.hop, deadline):
+            yield chunk
 
 
 async def _relay_json(
     upstream: aiohttp.ClientResponse,
     hop: Hop,
     record: RequestRecord,
-    deadline: Deadline,
+    body: bytes,
     redactor: Redactor,
 ) -> web.Response:
-    body = await _read_all(upstream, hop, deadline)
     record.first_byte_at = time.monotonic()
     headers = _headers(upstream, hop)
     if upstream.status >= 400:
@@ -87,7 +90,7 @@ async def _relay_events(
     upstream: aiohttp.ClientResponse,
     hop: Hop,
     record: RequestRecord,
-    deadline: Deadline,
+    chunks: AsyncIterator[bytes],
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
     response.headers["Cache-Control"] = "no-cache"
@@ -97,7 +100,7 @@ async def _relay_events(
     record.streamed = True
     splitter = SSESplitter()
     try:
-        async for chunk in read_chunks(upstream, hop, deadline):
+        async for chunk in chunks:
             events = splitter.feed(chunk)
             if not events:
                 continue
@@ -143,14 +146,14 @@ async def _relay_bytes(
     upstream: aiohttp.ClientResponse,
     hop: Hop,
     record: RequestRecord,
-    deadline: Deadline,
+    chunks: AsyncIterator[bytes],
 ) -> web.StreamResponse:
     """Audio, images and other bodies: passed through chunk by chunk, unchanged."""
     response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
     await response.prepare(request)
     record.streamed = True
     try:
-        async for chunk in read_chunks(upstream, hop, deadline):
+        async for chunk in chunks:
             if record.first_byte_at is None:
                 record.first_byte_at = time.monotonic()
             await response.write(chunk)

@@ -249,10 +249,10 @@ async def _forward(
             headers={"Retry-After": str(max(1, round(exc.retry_after)))},
         ) from None
 
-    upstream, hop = sent.response, sent.hop
+    upstream = sent.response
     completed = False
     try:
-        response = await relay(request, upstream, hop, record, deadline, app[REDACTOR])
+        response = await relay(request, sent, record, deadline, app[REDACTOR])
         completed = record.error is None
         return response
     except UpstreamError as exc:
@@ -265,9 +265,14 @@ async def _forward(
             upstream.release()
         else:
             upstream.close()
+        # The verdict on the backend comes when its answer is over: a stream that dies after
+        # its headers is a failure, not a success.
+        backends = app[BACKENDS]
         if record.error and record.error != "client_disconnected":
-            app[BACKENDS].failed(sent.state, route.circuit_breaker, record.error)
-        app[BACKENDS].end(sent.state)
+            backends.failed(sent.ticket, route.circuit_breaker, record.error)
+        elif completed and upstream.status < 500:
+            backends.succeeded(sent.ticket)
+        backends.end(sent.ticket)
 
 
 async def proxy_unprefixed(request: web.Request) -> web.StreamResponse:

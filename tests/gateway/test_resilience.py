@@ -511,3 +511,88 @@ async def test_probe_abandoned_by_its_client_does_not_block_the_backend(
     await asyncio.sleep(0.2)
     completion = await gw.openai().chat.completions.create(model="m", messages=[])
     assert completion.model == "m" and calls == 3
+
+
+# --- failures after the backend's headers but before anything reached the client ----------
+
+
+async def test_stream_dying_before_its_first_event_fails_over(
+    make_gateway, make_backend, http
+) -> None:
+    """Headers alone are not a byte to the client: the stream is retried elsewhere."""
+    broken, good = await make_backend(), await make_backend()
+
+    async def headers_then_death(request: web.Request, received: Received) -> web.StreamResponse:
+        response = await start_sse(request)
+        await response.write(b": warming up\n")  # not even a whole event
+        await asyncio.sleep(0.05)
+        request.transport.close()
+        return response
+
+    broken.handler = headers_then_death
+    gw = await make_gateway(multi(broken.url, good.url, strategy="priority"))
+    async with http.post(
+        gw.url + "/v1/chat/completions", json={"model": "m", "stream": True}
+    ) as response:
+        body = await response.read()
+    assert body.endswith(b"data: [DONE]\n\n") and b'"error"' not in body
+    assert (len(broken.received), len(good.received)) == (1, 1)
+
+
+async def test_json_body_cut_short_fails_over(make_gateway, make_backend) -> None:
+    broken, good = await make_backend(), await make_backend()
+
+    async def truncated(request: web.Request, received: Received) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Content-Length": "500"}
+        )
+        await response.prepare(request)
+        await response.write(b'{"model": "m", "choi')
+        await asyncio.sleep(0.05)
+        request.transport.close()
+        return response
+
+    broken.handler = truncated
+    gw = await make_gateway(multi(broken.url, good.url, strategy="priority"))
+    completion = await gw.openai().chat.completions.create(model="m", messages=[])
+    assert completion.choices[0].message.content == "Hello!"
+    assert (len(broken.received), len(good.received)) == (1, 1)
+
+
+async def test_breaker_keeps_out_a_backend_whose_streams_die(
+    make_gateway, make_backend, http
+) -> None:
+    """Streams that start and then die count as failures, and requests already under way
+    when the backend was ejected do not bring it back: only the half-open probe does."""
+    dying, good = await make_backend(), await make_backend()
+
+    async def dies_after_one_event(request: web.Request, received: Received) -> web.StreamResponse:
+        # Staggered, so some answers start only after the backend has been ejected.
+        await asyncio.sleep(0.03 * len(dying.received))
+        response = await start_sse(request)
+        await response.write(sse(chunk("m", "partial")))
+        await asyncio.sleep(0.02)
+        request.transport.close()
+        return response
+
+    dying.handler = dies_after_one_event
+    good.handler = slow_stream  # keeps good busier, so least-busy prefers the dying one
+    gw = await make_gateway(
+        multi(dying.url, good.url, circuitBreaker={"failures": 3, "cooldown": 30})
+    )
+
+    async def one() -> bytes:
+        async with http.post(
+            gw.url + "/v1/chat/completions", json={"model": "m", "stream": True}
+        ) as response:
+            return await response.read()
+
+    bodies = []
+    for _ in range(4):
+        bodies += await asyncio.gather(*(one() for _ in range(10)))
+    cut = [b for b in bodies if b'"error"' in b]
+    assert len(dying.received) <= 3 + 10  # ejected within the first wave, and stays out
+    assert len(cut) == len(dying.received)
+    assert len(bodies) - len(cut) == len(good.received)
+    state = next(s for s in gw.app[BACKENDS].states.values() if s.label.endswith(str(dying.port)))
+    assert state.health(time.monotonic()) == "ejected"
