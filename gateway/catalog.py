@@ -28,8 +28,7 @@ class Catalog:
 
     async def refresh(self, session: aiohttp.ClientSession, route: Route) -> None:
         for target in route.targets:
-            headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-            headers.update(target.headers)
+            headers = target.own_headers()
             try:
                 async with (
                     asyncio.timeout(10),

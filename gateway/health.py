@@ -22,8 +22,7 @@ TICK = 0.5  # how often due probes are looked for
 async def probe(session: aiohttp.ClientSession, route: Route, target: Target) -> str | None:
     """None when healthy, else what went wrong."""
     check = route.health_check
-    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-    headers.update(target.headers)
+    headers = target.own_headers()
     url = f"{target.base_url}{check.path}"
     try:
         async with (

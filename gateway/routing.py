@@ -47,6 +47,13 @@ class Target:
         """Host and port, for logs, metrics and errors: never the path or credentials."""
         return f"{self.base_url.host}:{self.base_url.port}"
 
+    def own_headers(self) -> dict[str, str]:
+        """What every request to this backend carries: its configured headers and its key."""
+        headers = dict(self.headers)
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
     @property
     def key(self) -> str:
         """Identity of the server for health and load state, shared by every route using it
@@ -106,14 +113,6 @@ class Hop:
     @property
     def base_url(self) -> URL:
         return self.target.base_url
-
-    @property
-    def api_key(self) -> str | None:
-        return self.target.api_key
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self.target.headers
 
 
 def _timeouts(defaults: Timeouts, endpoint: Endpoint) -> Timeouts:

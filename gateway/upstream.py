@@ -85,9 +85,7 @@ def _connection_listed(headers: Mapping[str, str]) -> set[str]:
 def forward_headers(client: CIMultiDictProxy[str], hop: Hop, request_id: str) -> CIMultiDict[str]:
     dropped = _NOT_FORWARDED_TO_BACKEND | _connection_listed(client)
     headers = CIMultiDict((k, v) for k, v in client.items() if k.lower() not in dropped)
-    headers.update(hop.headers)
-    if hop.api_key:
-        headers["Authorization"] = f"Bearer {hop.api_key}"
+    headers.update(hop.target.own_headers())
     headers["X-Request-ID"] = request_id
     return headers
 
