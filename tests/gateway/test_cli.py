@@ -223,3 +223,29 @@ async def test_sigterm_drains_in_flight_streams(tmp_path, backend, http) -> None
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+def test_check_lists_every_backend_of_a_model(tmp_path: Path) -> None:
+    path = tmp_path / "multi.yaml"
+    path.write_text(
+        """
+endpoints:
+  llama:
+    strategy: priority
+    apiKey: sk-shared-0123456789
+    backends:
+      - url: http://gpu-a:8000/v1
+      - url: http://gpu-b:8000/v1
+        actualModelName: llama-b
+  ollama/*:
+    url: http://ollama:11434/v1
+"""
+    )
+    result = run_check("--config", str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "llama\t'llama' (priority):"
+    assert lines[1] == "  -> http://gpu-a:8000/v1 model=llama key=sk-...6789"
+    assert lines[2] == "  -> http://gpu-b:8000/v1 model=llama-b key=sk-...6789"
+    assert lines[3].startswith("ollama/*\t'ollama/*' -> http://ollama:11434/v1 model=(as sent")
+    assert "sk-shared-0123456789" not in result.stdout
