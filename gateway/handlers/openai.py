@@ -252,12 +252,10 @@ async def _forward(
     upstream = sent.response
     completed = False
     try:
+        # Past this point the client has an answer started: failures end it in-band.
         response = await relay(request, sent, record, deadline, app[REDACTOR])
         completed = record.error is None
         return response
-    except UpstreamError as exc:
-        record.fail(exc.kind)
-        raise APIError(exc.status, exc.message, UPSTREAM_ERROR, None, exc.kind) from None
     finally:
         # A body not read to its end (client gone, backend failed) must close the connection:
         # that is what tells the backend to stop generating.
