@@ -31,6 +31,7 @@ class BackendState:
     requests: int = 0
     failures: int = 0
     last_error: str | None = None
+    refuses_stream_options: bool = False
 
     def health(self, now: float) -> Health:
         if self.ejected_until == 0.0:

@@ -58,6 +58,7 @@ class Sent:
     ticket: Ticket
     head: bytes
     complete: bool
+    usage_added: bool = False  # the gateway asked for usage: the client must not see it
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
@@ -133,8 +134,9 @@ class Failover:
         tail: str,
         raw_query: str,
         client_headers: CIMultiDictProxy[str],
-        body_for: Callable[[Hop], bytes],
+        body_for: Callable[[Hop, bool], bytes],
         content_type: str | None,
+        wants_usage: bool = False,
     ) -> Sent:
         route = self.route
         tried: set[str] = set()
@@ -160,11 +162,21 @@ class Failover:
                 headers["Content-Type"] = content_type
             url = upstream_url(hop, tail, raw_query)
             last_attempt = attempt >= route.retries
+            # Ask for usage unless this backend is known to refuse stream_options.
+            ask_usage = wants_usage and not ticket.state.refuses_stream_options
             response: aiohttp.ClientResponse | None = None
             try:
                 response = await send(
-                    self.session, hop, method, url, headers, body_for(hop), self.deadline
+                    self.session, hop, method, url, headers, body_for(hop, ask_usage), self.deadline
                 )
+                if ask_usage and response.status in (400, 422):
+                    # Ollama, LM Studio, TGI and LocalAI refuse stream_options: remember it
+                    # and send the request as the client wrote it (not counted as an attempt).
+                    log.info("backend refuses stream_options", backend=hop.backend)
+                    ticket.state.refuses_stream_options = True
+                    self._discard(response, ticket)
+                    tried.discard(target.key)
+                    continue
                 if response.status in route.retry_on and not last_attempt:
                     wait = retry_after_seconds(response.headers.get("Retry-After"))
                     elsewhere = self._alternative(tried)
@@ -200,7 +212,7 @@ class Failover:
             if response.status >= 500:
                 self.backends.failed(ticket, route.circuit_breaker, f"http_{response.status}")
                 self.record.failures.append(f"http_{response.status}")
-            return Sent(hop, response, ticket, head, complete)
+            return Sent(hop, response, ticket, head, complete, usage_added=ask_usage)
 
     def _choose(self, tried: set[str]) -> Target | None:
         """The policy's best backend that can take a request now, untried ones first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -13,7 +14,7 @@ from multidict import CIMultiDict
 from gateway.failover import Sent, is_event_stream, is_json_like
 from gateway.observe import RequestRecord
 from gateway.redact import Redactor
-from gateway.rewrite import rewrite_event, rewrite_json_body, usage_of
+from gateway.rewrite import dumps, rewrite_event, rewrite_json_body, usage_of
 from gateway.routing import Hop
 from gateway.upstream import Deadline, UpstreamError, read_chunks, returned_headers
 from wire.errors import UPSTREAM_ERROR, error_payload
@@ -39,7 +40,7 @@ async def relay(
     record.upstream_status = upstream.status
     chunks = _body(sent, deadline)
     if is_event_stream(upstream):
-        return await _relay_events(request, upstream, hop, record, chunks)
+        return await _relay_events(request, upstream, hop, record, chunks, sent.usage_added)
     if is_json_like(upstream):
         return await _relay_json(upstream, hop, record, sent.head, redactor)
     return await _relay_bytes(request, upstream, hop, record, chunks)
@@ -91,6 +92,7 @@ async def _relay_events(
     hop: Hop,
     record: RequestRecord,
     chunks: AsyncIterator[bytes],
+    strip_usage: bool,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
     response.headers["Cache-Control"] = "no-cache"
@@ -112,6 +114,11 @@ async def _relay_events(
                 usage = usage_of(rewritten.payload)
                 if usage:
                     record.prompt_tokens, record.completion_tokens = usage
+                    if strip_usage:
+                        kept = _without_usage(rewritten.payload)
+                        if kept is not None:
+                            out.append(kept)
+                        continue
                 out.append(rewritten.data)
             if record.first_byte_at is None:
                 record.first_byte_at = time.monotonic()
@@ -130,6 +137,14 @@ async def _relay_events(
         return response
     await response.write_eof()
     return response
+
+
+def _without_usage(payload: dict[str, Any]) -> bytes | None:
+    """The event as the client would have had it without the gateway's usage request: the
+    usage-only chunk disappears, and a chunk that also carries choices loses its `usage`."""
+    if not payload.get("choices"):
+        return None
+    return b"data: " + dumps({k: v for k, v in payload.items() if k != "usage"}) + b"\n\n"
 
 
 async def _end_with_error(

@@ -177,10 +177,22 @@ class _Body:
         self.payload = payload
         return model
 
-    def for_hop(self, hop: Hop) -> bytes:
+    @property
+    def wants_usage(self) -> bool:
+        """A stream whose client did not ask for usage: the gateway asks for it (token counts
+        for logs and metrics) and removes it from what the client sees."""
+        if self.payload is None or self.payload.get("stream") is not True:
+            return False
+        options = self.payload.get("stream_options")
+        return options is None or (isinstance(options, dict) and not options.get("include_usage"))
+
+    def for_hop(self, hop: Hop, ask_usage: bool) -> bytes:
         if self._boundary is not None:
             return replace_model_field(self.raw, self._boundary, hop.upstream_model)[1]
         assert self.payload is not None
+        if ask_usage:
+            options = {**(self.payload.get("stream_options") or {}), "include_usage": True}
+            return dumps({**self.payload, "model": hop.upstream_model, "stream_options": options})
         if hop.upstream_model == self.model:
             return self.raw
         return dumps({**self.payload, "model": hop.upstream_model})
@@ -234,6 +246,7 @@ async def _forward(
             request.headers,
             body.for_hop,
             "application/json" if body.payload is not None else None,
+            wants_usage=body.wants_usage and tail in ("chat/completions", "completions"),
         )
     except UpstreamError as exc:
         record.error = exc.kind
