@@ -44,6 +44,8 @@ _NOT_FORWARDED_TO_BACKEND = HOP_BY_HOP | {
     "referer",
     # The gateway already holds the whole body; the backend has nothing to agree to.
     "expect",
+    # aiohttp has decoded a compressed request body; the backend gets it plain.
+    "content-encoding",
 }
 # aiohttp decompresses and re-frames the body; our own middlewares set the request id.
 _NOT_RETURNED_TO_CLIENT = HOP_BY_HOP | {

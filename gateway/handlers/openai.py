@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.catalog import Catalog
 from gateway.failover import Failover, NoBackend
@@ -97,10 +98,16 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except RequestPayloadError as exc:
+        # e.g. a body that is not the gzip its Content-Encoding says it is
+        raise APIError(
+            400, f"Could not read the request body: {exc}.", INVALID_REQUEST, None, "invalid_body"
+        ) from None
     return bytes(body)
 
 
@@ -146,6 +153,10 @@ class _Body:
             raise _missing_model()
         try:
             payload = json.loads(self.raw)
+        except RecursionError:
+            raise APIError(
+                400, "The JSON body is nested too deeply.", INVALID_REQUEST, None, "invalid_json"
+            ) from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise APIError(
                 400,
