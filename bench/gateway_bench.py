@@ -156,6 +156,13 @@ async def serve_backend(port: int) -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/health", health)
+    await serve_until_signalled(app, port, announce=True)
+
+
+async def serve_until_signalled(app: Any, port: int, announce: bool = False) -> None:
+    """Serve the aiohttp `app` on HOST:port until SIGINT or SIGTERM (a fake backend's life)."""
+    from aiohttp import web
+
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, HOST, port, backlog=2048, reuse_address=True)
@@ -164,7 +171,8 @@ async def serve_backend(port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
+    if announce:
+        print("ready", flush=True)
     try:
         await stop.wait()
     finally:

@@ -58,6 +58,7 @@ from gateway_bench import (
     free_port,
     memory_kib,
     run_async,
+    serve_until_signalled,
     stream_events,
     summarize_log,
     wait_listening,
@@ -160,18 +161,7 @@ async def serve_backend(port: int) -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/_chaos", set_chaos)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, HOST, port, backlog=2048, reuse_address=True)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_until_signalled(app, port)
 
 
 # --------------------------------------------------------------------------------------------
