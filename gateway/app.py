@@ -15,6 +15,7 @@ from gateway.cors import add_cors_headers, cors_middleware
 from gateway.discovery import run_discovery
 from gateway.handlers import admin, openai
 from gateway.health import run_health_checks
+from gateway.limits import Limiter
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics
 from gateway.observe import access_middleware, add_request_id
@@ -26,6 +27,7 @@ from gateway.state import (
     BACKENDS,
     CATALOG,
     DRAINING,
+    LIMITER,
     METRICS,
     POLICIES,
     REDACTOR,
@@ -35,6 +37,7 @@ from gateway.state import (
     Settings,
 )
 from gateway.upstream import make_session
+from gateway.usagelog import UsageLog
 from wire.errors import error_middleware
 
 
@@ -69,9 +72,14 @@ def build_app(
                 backends.state(target)
 
     store.subscribe(on_reload)
+    usage_log = UsageLog()
 
     app = web.Application(
-        middlewares=[access_middleware(metrics), cors_middleware, error_middleware],
+        middlewares=[
+            access_middleware(metrics, usage_log, lambda: store.current.config.usage_log),
+            cors_middleware,
+            error_middleware,
+        ],
         # The proxy reads bodies itself against the config's maxRequestBytes.
         client_max_size=2**63,
     )
@@ -83,8 +91,10 @@ def build_app(
     app[POLICIES] = Policies()
     app[DRAINING] = asyncio.Event()
     app[CATALOG] = Catalog()
+    app[LIMITER] = Limiter()
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_cors_headers)
+    app.on_cleanup.append(lambda _: _close(usage_log))
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_background(run_health_checks))
     app.cleanup_ctx.append(_background(run_discovery))
@@ -93,6 +103,10 @@ def build_app(
     admin.add_routes(app)
     openai.add_routes(app)
     return app
+
+
+async def _close(usage_log: UsageLog) -> None:
+    usage_log.close()
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

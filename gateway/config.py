@@ -176,8 +176,35 @@ class Endpoint(RoutingOverrides):
         return self
 
 
+class ClientKey(_Strict):
+    """A person's or an app's key: which models it may use, and its limits."""
+
+    name: str = Field(min_length=1)
+    # The key itself, or `sha256:<hex>` of it so the file holds no secret.
+    key: str = Field(min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["*"])  # ids or globs (`llama-*`)
+    rpm: int | None = Field(None, ge=1)  # requests per minute
+    tpm: int | None = Field(None, ge=1)  # tokens per minute (prompt + completion, from usage)
+    max_concurrent: int | None = Field(None, ge=1, alias="maxConcurrent")
+
+    @field_validator("key")
+    @classmethod
+    def _key_or_digest(cls, value: str) -> str:
+        if value.startswith("sha256:"):
+            digest = value.removeprefix("sha256:")
+            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                raise ValueError("a `sha256:` key must be followed by 64 hex digits")
+        elif len(value) < 8:
+            raise ValueError("keys must be at least 8 characters")
+        return value
+
+
 class GatewayConfig(_Strict):
     endpoints: dict[str, Endpoint]
+    # Client keys: when any is listed, every API request needs one of them.
+    keys: list[ClientKey] = Field(default_factory=list)
+    # Optional JSON-lines file with one usage record per request.
+    usage_log: str | None = Field(None, alias="usageLog")
     timeouts: Timeouts = Timeouts()
     # Routing defaults for every endpoint (each may override them).
     strategy: Strategy = "least-busy"
@@ -191,6 +218,15 @@ class GatewayConfig(_Strict):
     allow_origins: list[str] = Field(default_factory=list, alias="allowOrigins")
     # Vision requests carry base64 images, so the default is far above aiohttp's 1 MiB.
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, alias="maxRequestBytes")
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_keys(cls, value: list[ClientKey]) -> list[ClientKey]:
+        names = [k.name for k in value]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"key names must be unique: {duplicated}")
+        return value
 
     @field_validator("endpoints")
     @classmethod

@@ -59,6 +59,19 @@ class Metrics:
             ["model", "type"],
             registry=r,
         )
+        # Labelled by key *name* (configured, so bounded), never by the key itself.
+        self.key_requests = Counter(
+            "gateway_key_requests_total",
+            "Requests per client key, public model and status.",
+            ["key", "model", "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "gateway_key_tokens_total",
+            "Tokens per client key and public model, from usage.",
+            ["key", "model", "type"],
+            registry=r,
+        )
         self.reloads = Counter(
             "gateway_config_reloads_total",
             "Config reloads by outcome.",

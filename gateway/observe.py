@@ -6,12 +6,14 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
 
 from gateway.metrics import Metrics
+from gateway.usagelog import UsageLog
 from wire.errors import Handler
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -37,6 +39,8 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    key: str | None = None  # the client key's name
+    limit_headers: dict[str, str] = field(default_factory=dict)
     attempts: int = 0
     # Every backend failure this request saw, retried or not (metrics count each).
     failures: list[str] = field(default_factory=list)
@@ -60,7 +64,9 @@ def _request_id(request: web.Request) -> str:
     return given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-def access_middleware(metrics: Metrics) -> Handler:
+def access_middleware(
+    metrics: Metrics, usage: UsageLog, usage_path: Callable[[], str | None]
+) -> Handler:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         record = RequestRecord(request_id=_request_id(request))
@@ -81,16 +87,39 @@ def access_middleware(metrics: Metrics) -> Handler:
             raise
         finally:
             _finish(request, record, status, metrics)
+            if record.route_id is not None:
+                _record_usage(usage, usage_path(), record, status)
             structlog.contextvars.unbind_contextvars("request_id")
 
     return middleware
 
 
+def _record_usage(usage: UsageLog, path: str | None, record: RequestRecord, status: int) -> None:
+    if path is None:
+        return
+    usage.write(
+        path,
+        {
+            "request_id": record.request_id,
+            "key": record.key,
+            "model": record.model,
+            "backend": record.backend,
+            "status": status,
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "duration_ms": round((time.monotonic() - record.started) * 1000, 2),
+        },
+    )
+
+
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare hook: streamed responses send headers early, so add it here."""
+    """on_response_prepare hook: streamed responses send headers early, so add it here
+    (and the caller's rate-limit headers, as OpenAI sends them)."""
     record = request.get(_RECORD)
     if record is not None:
         response.headers[REQUEST_ID_HEADER] = record.request_id
+        for name, value in record.limit_headers.items():
+            response.headers.setdefault(name, value)
 
 
 def _finish(request: web.Request, record: RequestRecord, status: int, metrics: Metrics) -> None:
@@ -110,6 +139,14 @@ def _finish(request: web.Request, record: RequestRecord, status: int, metrics: M
         metrics.tokens.labels(model, "prompt").inc(record.prompt_tokens)
     if record.completion_tokens is not None:
         metrics.tokens.labels(model, "completion").inc(record.completion_tokens)
+    if record.key is not None:
+        metrics.key_requests.labels(record.key, model, str(status)).inc()
+        for kind, count in (
+            ("prompt", record.prompt_tokens),
+            ("completion", record.completion_tokens),
+        ):
+            if count:
+                metrics.key_tokens.labels(record.key, model, kind).inc(count)
 
     quiet = record.route in ("health", "metrics")
     log = access_log.debug if quiet else access_log.info
@@ -118,6 +155,7 @@ def _finish(request: web.Request, record: RequestRecord, status: int, metrics: M
         method=request.method,
         path=request.path,
         status=status,
+        key=record.key,
         model=record.model,
         backend=record.backend,
         upstream_model=record.upstream_model,

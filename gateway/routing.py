@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from yarl import URL
 
+from gateway.access import KeyRing
 from gateway.config import (
     CircuitBreaker,
     Endpoint,
@@ -185,6 +186,7 @@ class Snapshot:
     version: int
     loaded_at: float = field(default_factory=time.time)
     routes: Mapping[str, Route] = field(init=False)
+    keyring: KeyRing = field(init=False)
     _wildcards: tuple[Route, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -199,6 +201,7 @@ class Snapshot:
             (r for r in routes.values() if r.wildcard), key=lambda r: len(r.prefix), reverse=True
         )
         object.__setattr__(self, "_wildcards", tuple(wildcards))
+        object.__setattr__(self, "keyring", KeyRing(self.config.keys))
 
     def resolve(self, model: str) -> Route | None:
         """The exact id first, then the longest wildcard prefix that matches."""
@@ -223,4 +226,5 @@ class Snapshot:
             found.update(v for v in target.headers.values() if v)
             if target.base_url.password:
                 found.add(target.base_url.password)
+        found.update(k.key for k in self.config.keys if not k.key.startswith("sha256:"))
         return found

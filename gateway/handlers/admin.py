@@ -73,8 +73,20 @@ def _masked_config(snapshot: Snapshot, backends: Backends) -> dict[str, Any]:
             "backends": [_masked_target(t, backends, now) for t in route.targets],
         }
     config = snapshot.config
+    keys = [
+        {
+            "name": k.name,
+            "key": k.key if k.key.startswith("sha256:") else mask(k.key),
+            "models": k.models,
+            "rpm": k.rpm,
+            "tpm": k.tpm,
+            "maxConcurrent": k.max_concurrent,
+        }
+        for k in config.keys
+    ]
     return {
         "endpoints": endpoints,
+        "keys": keys,
         "allowOrigins": list(config.allow_origins),
         "maxRequestBytes": config.max_request_bytes,
     }

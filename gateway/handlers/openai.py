@@ -10,6 +10,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from gateway.access import Caller, authorize
 from gateway.catalog import Catalog
 from gateway.failover import Failover, NoBackend
 from gateway.multipart import boundary_of, replace_model_field
@@ -17,7 +18,16 @@ from gateway.observe import record_of
 from gateway.relay import relay
 from gateway.rewrite import dumps
 from gateway.routing import Hop, Route, Snapshot
-from gateway.state import BACKENDS, CATALOG, METRICS, POLICIES, REDACTOR, SESSION, STORE
+from gateway.state import (
+    BACKENDS,
+    CATALOG,
+    LIMITER,
+    METRICS,
+    POLICIES,
+    REDACTOR,
+    SESSION,
+    STORE,
+)
 from gateway.upstream import Deadline, UpstreamError
 from wire.errors import INVALID_REQUEST, UPSTREAM_ERROR, APIError
 
@@ -58,8 +68,14 @@ async def list_models(request: web.Request) -> web.Response:
     """Answered from memory: UIs call this on every page load and must never wait on a backend."""
     record_of(request).route = "models"
     snapshot = request.app[STORE].current
+    caller = _caller(request, snapshot)
     catalog = request.app[CATALOG]
-    data = [card for route in snapshot.routes.values() for card in _cards(route, catalog)]
+    data = [
+        card
+        for route in snapshot.routes.values()
+        for card in _cards(route, catalog)
+        if caller is None or caller.may_use(card["id"])
+    ]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -67,17 +83,28 @@ async def get_model(request: web.Request) -> web.Response:
     record_of(request).route = "models"
     model_id = request.match_info["model_id"]
     snapshot = request.app[STORE].current
+    caller = _caller(request, snapshot)
     route = snapshot.resolve(model_id)
-    if route is None:
-        raise _unknown_model(model_id, snapshot)
+    if route is None or (caller is not None and not caller.may_use(model_id)):
+        raise _unknown_model(model_id, snapshot, caller)
     if route.wildcard:
         name = _wildcard_name(route, model_id[len(route.prefix) :])
         return web.json_response(_model_card(model_id, name))
     return web.json_response(_model_card(route.public_id, route.display_name))
 
 
-def _unknown_model(model: str, snapshot: Snapshot) -> APIError:
-    available = ", ".join(snapshot.routes) or "(none)"
+def _caller(request: web.Request, snapshot: Snapshot) -> Caller | None:
+    """Who is calling, when client keys are configured (401 without a valid one)."""
+    caller = snapshot.keyring.authenticate(request)
+    if caller is not None:
+        record_of(request).key = caller.name
+    return caller
+
+
+def _unknown_model(model: str, snapshot: Snapshot, caller: Caller | None = None) -> APIError:
+    # A key sees only the models it may use, even in this message.
+    visible = [m for m in snapshot.routes if caller is None or caller.may_use(m)]
+    available = ", ".join(visible) or "(none)"
     return APIError(
         404,
         f"The model '{model}' does not exist. Available models: {available}.",
@@ -225,19 +252,26 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     tail = _checked_tail(request)
     record.route = NAMED_ROUTES.get(tail, "passthrough")
     snapshot = request.app[STORE].current  # kept for the whole request, whatever reloads
+    caller = _caller(request, snapshot)
     raw = await _read_body(request, snapshot.config.max_request_bytes)
     body = _Body(request, raw)
     record.model = body.model[:200]  # metrics map unknown ids to "other"
     route = snapshot.resolve(body.model)
     if route is None:
-        raise _unknown_model(body.model, snapshot)
+        raise _unknown_model(body.model, snapshot, caller)
+    authorize(caller, body.model)
     record.route_id = route.public_id
+    limiter = request.app[LIMITER]
+    if caller is not None:
+        record.limit_headers = limiter.admit(caller)  # or 429
     in_flight = request.app[METRICS].in_flight.labels(route.public_id)
     in_flight.inc()
     try:
         return await _forward(request, route, body, tail)
     finally:
         in_flight.dec()
+        if caller is not None:
+            limiter.release(caller, (record.prompt_tokens or 0) + (record.completion_tokens or 0))
 
 
 async def _forward(
