@@ -75,9 +75,6 @@ def rewrite_json_body(body: bytes, public_id: str) -> RewrittenBody:
     return RewrittenBody(body, upstream_model, usage)
 
 
-_FAST_PAYLOAD: object = None  # the fast path does not parse: no payload to report
-
-
 @dataclass(slots=True)
 class RewrittenEvent:
     data: bytes
@@ -108,7 +105,8 @@ def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
         # The common chunk: the model swapped in place, no parse, no re-encode.
         head, tail = fast.group(1), fast.group(2)
         data = head + json.dumps(public_id, ensure_ascii=False).encode() + tail
-        return RewrittenEvent(b"data: " + data + b"\n\n", _FAST_PAYLOAD, False)
+        # No parse, so no payload to report (events with usage never take this path).
+        return RewrittenEvent(b"data: " + data + b"\n\n", None, False)
     lines = event.splitlines()
     while lines and not lines[-1]:  # the blank line that ends the event
         lines.pop()

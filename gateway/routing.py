@@ -42,6 +42,13 @@ class Target:
     headers: Mapping[str, str]
     weight: float
     max_concurrent: int | None
+    # Identity of the server for health and load state, shared by every route using it and
+    # kept across reloads. Computed once: selection and accounting look it up per request.
+    key: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        secret = hashlib.sha256((self.api_key or "").encode()).hexdigest()[:8]
+        object.__setattr__(self, "key", f"{self.base_url.with_password(None)}#{secret}")
 
     @property
     def label(self) -> str:
@@ -54,13 +61,6 @@ class Target:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
-
-    @property
-    def key(self) -> str:
-        """Identity of the server for health and load state, shared by every route using it
-        and kept across reloads. The key is hashed: this string is shown in /debug."""
-        secret = hashlib.sha256((self.api_key or "").encode()).hexdigest()[:8]
-        return f"{self.base_url.with_password(None)}#{secret}"
 
 
 @dataclass(frozen=True, slots=True)
