@@ -159,6 +159,18 @@ async def serve_backend(port: int) -> None:
     await serve_until_signalled(app, port, announce=True)
 
 
+def gateway_environment() -> dict[str, str]:
+    """The environment a benchmarked gateway runs in: none of the caller's gateway settings,
+    JSON access logs at INFO, as deployed."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("GATEWAY_") and k not in ("ALLOW_ORIGINS", "LOG_LEVEL")
+    }
+    env.update(LOG_FORMAT="json", LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    return env
+
+
 async def serve_until_signalled(app: Any, port: int, announce: bool = False) -> None:
     """Serve the aiohttp `app` on HOST:port until SIGINT or SIGTERM (a fake backend's life)."""
     from aiohttp import web
@@ -1073,12 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
             "actualModelName": UPSTREAM_MODEL,
         }
         config.write_text(json.dumps({"endpoints": {PUBLIC_MODEL: endpoint}}))
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("GATEWAY_") and k not in ("ALLOW_ORIGINS", "LOG_LEVEL")
-        }
-        env.update(LOG_FORMAT="json", LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        env = gateway_environment()
         env.update(item.split("=", 1) for item in args.gateway_env)
         with log_path.open("wb") as log_file:
             gateway = children.start(

@@ -56,6 +56,7 @@ from gateway_bench import (
     Children,
     _raise_exit,
     free_port,
+    gateway_environment,
     memory_kib,
     run_async,
     serve_until_signalled,
@@ -704,12 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         backends = [{"url": f"http://{HOST}:{port}/v1"} for port in fleet.ports]
         endpoint = {"backends": backends, "strategy": "least-busy"}
         config.write_text(json.dumps({"endpoints": {MODEL: endpoint}, **GATEWAY_CONFIG}))
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("GATEWAY_") and k not in ("ALLOW_ORIGINS", "LOG_LEVEL")
-        }
-        env.update(LOG_FORMAT="json", LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        env = gateway_environment()
         with log_path.open("wb") as log_file:
             gateway = children.start(
                 [sys.executable, "-m", "gateway", "--config", str(config), "--host", HOST,
