@@ -39,7 +39,7 @@ class Limiter:
         usage.expire(now)
         return usage
 
-    def admit(self, caller: Caller) -> dict[str, str]:
+    async def admit(self, caller: Caller) -> dict[str, str]:
         """Count a request in, or raise 429 with OpenAI's headers; returns the headers to send."""
         now = time.monotonic()
         usage = self._of(caller, now)

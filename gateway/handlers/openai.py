@@ -263,7 +263,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     record.route_id = route.public_id
     limiter = request.app[LIMITER]
     if caller is not None:
-        record.limit_headers = limiter.admit(caller)  # or 429
+        record.limit_headers = await limiter.admit(caller)  # or 429
     in_flight = request.app[METRICS].in_flight.labels(route.public_id)
     in_flight.inc()
     try:
