@@ -262,16 +262,19 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     authorize(caller, body.model)
     record.route_id = route.public_id
     limiter = request.app[LIMITER]
-    if caller is not None:
-        record.limit_headers = await limiter.admit(caller)  # or 429
+    admission = None if caller is None else await limiter.admit(caller)  # or 429
+    if admission is not None:
+        record.limit_headers = admission.headers
     in_flight = request.app[METRICS].in_flight.labels(route.public_id)
     in_flight.inc()
     try:
         return await _forward(request, route, body, tail)
     finally:
         in_flight.dec()
-        if caller is not None:
-            limiter.release(caller, (record.prompt_tokens or 0) + (record.completion_tokens or 0))
+        if admission is not None:
+            limiter.release(
+                admission, route.public_id, record.prompt_tokens or 0, record.completion_tokens or 0
+            )
 
 
 async def _forward(
