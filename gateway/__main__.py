@@ -1,4 +1,5 @@
-"""CLI: `python -m gateway [--config PATH] [--host H] [--port P]` and `python -m gateway check`."""
+"""CLI: `python -m gateway [--config PATH] [--host H] [--port P] [--workers N]` and
+`python -m gateway check`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import os
 import sys
+from typing import Any
 
 from gateway.config import ConfigError, load_config
 from gateway.redact import mask
@@ -23,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
   GATEWAY_ADMIN_KEY  when set, /debug and /reload need 'Authorization: Bearer <key>'
   ALLOW_ORIGINS      comma-separated CORS origins (overrides the file's allowOrigins)
   GATEWAY_DRAIN_TIMEOUT  seconds in-flight requests get to finish on SIGTERM (default 30)
+  PROMETHEUS_MULTIPROC_DIR  with --workers: where the processes keep their metrics
+                     (default: a temporary folder, removed on exit)
   LOG_FORMAT         json or console (default: json unless stderr is a terminal)
   LOG_LEVEL          default INFO""",
     )
@@ -48,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=int(os.environ.get("GATEWAY_PORT", DEFAULT_PORT)),
         help=f"port (env GATEWAY_PORT; default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("GATEWAY_WORKERS") or 1),
+        help="processes sharing the port, one event loop each (env GATEWAY_WORKERS; default 1)",
     )
     return parser
 
@@ -104,15 +114,42 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.errors:
             print(f"  {args.config}: {line}", file=sys.stderr)
         return 1
+    drain = float(os.environ.get("GATEWAY_DRAIN_TIMEOUT") or DEFAULT_DRAIN_TIMEOUT)
+    if args.workers < 1:
+        print("--workers must be 1 or more", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        if args.port == 0:
+            print("--workers needs a fixed --port (the workers share it)", file=sys.stderr)
+            return 2
+        from gateway.supervisor import Supervisor
+
+        _warn_if_limits_are_per_process(app, args.workers)
+        worker_args = ["--config", args.config, "--host", args.host, "--port", str(args.port)]
+        return Supervisor(worker_args, args.workers, drain).run()
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    drain = float(os.environ.get("GATEWAY_DRAIN_TIMEOUT") or DEFAULT_DRAIN_TIMEOUT)
-    asyncio.run(serve_forever(app, args.host, args.port, drain))
+    # A worker under --workers shares its port with its siblings.
+    reuse_port = os.environ.get("GATEWAY_WORKER_INDEX") is not None
+    asyncio.run(serve_forever(app, args.host, args.port, drain, reuse_port=reuse_port))
     return 0
+
+
+def _warn_if_limits_are_per_process(app: Any, workers: int) -> None:
+    from gateway.state import STORE
+
+    config = app[STORE].current.config
+    if config.redis_url or not any(k.rpm or k.tpm or k.max_concurrent for k in config.keys):
+        return
+    print(
+        f"warning: key limits are counted per process; with --workers {workers} and no "
+        "redisUrl a key may get up to that many times its limits",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

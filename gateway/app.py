@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from yarl import URL
 
 from gateway.backends import Backends
 from gateway.catalog import Catalog
@@ -15,7 +16,7 @@ from gateway.cors import add_cors_headers, cors_middleware
 from gateway.discovery import run_discovery
 from gateway.handlers import admin, openai
 from gateway.health import run_health_checks
-from gateway.limits import Limiter
+from gateway.limiter import Limits
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics
 from gateway.observe import access_middleware, add_request_id
@@ -62,10 +63,14 @@ def build_app(
     if configure_logs:
         configure_logging(redactor)
 
+    limits = Limits(on_redis_state=metrics.set_redis_up, on_redis_error=metrics.redis_errors.inc)
+    _use_redis(limits, store.current, redactor)
+
     def on_reload(outcome: ReloadOutcome, snapshot: Snapshot) -> None:
         metrics.reloads.labels("ok" if outcome.ok else "error", outcome.trigger).inc()
         if outcome.ok:
             redactor.add(snapshot.secrets())
+            _use_redis(limits, snapshot, redactor)
             metrics.set_models(snapshot.routes)
             backends.retain(set(snapshot.targets()))
             for target in snapshot.targets().values():
@@ -91,13 +96,16 @@ def build_app(
     app[POLICIES] = Policies()
     app[DRAINING] = asyncio.Event()
     app[CATALOG] = Catalog()
-    app[LIMITER] = Limiter()
+    app[LIMITER] = limits
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_cors_headers)
     app.on_cleanup.append(lambda _: _close(usage_log))
+    app.on_cleanup.append(lambda _: limits.close())
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_background(run_health_checks))
     app.cleanup_ctx.append(_background(run_discovery))
+    if metrics.multiprocess:
+        app.cleanup_ctx.append(_background(_sync_metrics))
     if watch:
         app.cleanup_ctx.append(_config_watcher)
     admin.add_routes(app)
@@ -107,6 +115,30 @@ def build_app(
 
 async def _close(usage_log: UsageLog) -> None:
     usage_log.close()
+
+
+def _use_redis(limits: Limits, snapshot: Snapshot, redactor: Redactor) -> None:
+    config = snapshot.config
+    if config.redis_url:
+        password = URL(config.redis_url).password
+        if password:
+            redactor.add([password])
+    replaced = limits.configure(config.redis_url, config.redis_fail_open)
+    if replaced is not None:  # the reload named another Redis
+        task = asyncio.get_running_loop().create_task(replaced.close())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+
+async def _sync_metrics(app: web.Application) -> None:
+    """Under --workers, a scrape served by a sibling sees this process's backends too."""
+    while True:
+        app[METRICS].sync()
+        await asyncio.sleep(1.0)
+
+
+# Closing a replaced Redis client is async; the reload that replaced it is not.
+_closing: set[asyncio.Task[None]] = set()
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

@@ -218,6 +218,19 @@ class GatewayConfig(_Strict):
     allow_origins: list[str] = Field(default_factory=list, alias="allowOrigins")
     # Vision requests carry base64 images, so the default is far above aiohttp's 1 MiB.
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, alias="maxRequestBytes")
+    # Shared rate-limit windows, concurrency and usage for several processes or machines.
+    redis_url: str | None = Field(None, alias="redisUrl")
+    # With Redis unreachable: keep serving on this process's own limits (true), or 503.
+    redis_fail_open: bool = Field(True, alias="redisFailOpen")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if not value:  # `${REDIS_URL:-}` left unset: no Redis
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redisUrl must start with redis://, rediss:// or unix://")
+        return value
 
     @field_validator("keys")
     @classmethod

@@ -1,12 +1,23 @@
-"""Prometheus metrics of one gateway app, on a registry of its own (no process globals)."""
+"""Prometheus metrics of one gateway app, on a registry of its own (no process globals).
+
+Under `--workers N` the supervisor sets PROMETHEUS_MULTIPROC_DIR: every process then keeps its
+values in files there, and a scrape of any one process reads them all (promise 10)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -17,9 +28,14 @@ OTHER = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class Metrics:
     def __init__(self, models: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess_dir() is not None
         r = self.registry
         self.requests = Counter(
             "gateway_requests_total",
@@ -52,6 +68,7 @@ class Metrics:
             "Requests being proxied right now.",
             ["model"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.tokens = Counter(
             "gateway_tokens_total",
@@ -78,12 +95,38 @@ class Metrics:
             ["outcome", "trigger"],
             registry=r,
         )
+        self.redis_errors = Counter(
+            "gateway_redis_errors_total",
+            "Redis calls that failed (the limits were then kept in this process, or refused).",
+            registry=r,
+        )
+        self._redis_up: Gauge | None = None  # only when a redisUrl is configured
         self._models: frozenset[str] = frozenset()
         self.set_models(models)
+        self._backends: _BackendGauges | None = None
 
     def watch_backends(self, backends: Backends) -> None:
         """Per-backend load and health, read from the live registry at scrape time."""
-        self.registry.register(_BackendCollector(backends))
+        if self.multiprocess:
+            # Another process cannot run our collector: mirror the state into shared files.
+            self._backends = _BackendGauges(backends, self.registry)
+        else:
+            self.registry.register(_BackendCollector(backends))
+
+    def sync(self) -> None:
+        """Under --workers, copies this process's backend state into the shared files."""
+        if self._backends is not None:
+            self._backends.sync()
+
+    def set_redis_up(self, up: bool) -> None:
+        if self._redis_up is None:
+            self._redis_up = Gauge(
+                "gateway_redis_up",
+                "1 while the configured Redis answers (the lowest over --workers processes).",
+                registry=self.registry,
+                multiprocess_mode="livemin",
+            )
+        self._redis_up.set(1 if up else 0)
 
     def set_models(self, models: Iterable[str]) -> None:
         self._models = frozenset(models)
@@ -95,7 +138,27 @@ class Metrics:
         return model if model in self._models else OTHER
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = multiprocess_dir()
+        if not self.multiprocess or directory is None:
+            return generate_latest(self.registry)
+        self.sync()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, directory)
+        return generate_latest(registry)
+
+
+def _backend_rows(backends: Backends) -> dict[str, list[float]]:
+    """Per backend label: in flight, up, ejections, requests, failures."""
+    now = time.monotonic()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
+    for state in backends.states.values():
+        row = totals[state.label]
+        row[0] += state.in_flight
+        row[1] = max(row[1], 1.0 if state.health(now) != "ejected" else 0.0)
+        row[2] += state.ejections
+        row[3] += state.requests
+        row[4] += state.failures
+    return totals
 
 
 class _BackendCollector(Collector):
@@ -105,15 +168,7 @@ class _BackendCollector(Collector):
         self._backends = backends
 
     def collect(self) -> Iterator[Metric]:
-        now = time.monotonic()
-        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
-        for state in self._backends.states.values():
-            row = totals[state.label]
-            row[0] += state.in_flight
-            row[1] = max(row[1], 1.0 if state.health(now) != "ejected" else 0.0)
-            row[2] += state.ejections
-            row[3] += state.requests
-            row[4] += state.failures
+        totals = _backend_rows(self._backends)
         families = [
             GaugeMetricFamily(
                 "gateway_backend_in_flight", "Requests in flight per backend.", labels=["backend"]
@@ -141,3 +196,46 @@ class _BackendCollector(Collector):
             for family, value in zip(families, row, strict=True):
                 family.add_metric([label], value)
         yield from families
+
+
+class _BackendGauges:
+    """The same series as _BackendCollector, as values in the multiprocess files: in flight
+    summed over processes, up as the lowest (one process that ejected it says so), and the
+    counters as sums of what each process added."""
+
+    def __init__(self, backends: Backends, registry: CollectorRegistry) -> None:
+        self._backends = backends
+        label = ["backend"]
+        self._in_flight = Gauge(
+            "gateway_backend_in_flight",
+            "Requests in flight per backend.",
+            label,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._up = Gauge(
+            "gateway_backend_up",
+            "1 when the backend takes requests, 0 while a circuit breaker has it ejected.",
+            label,
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self._counters = [
+            Counter(name, doc, label, registry=registry)
+            for name, doc in (
+                ("gateway_backend_ejections", "Times the circuit breaker ejected the backend."),
+                ("gateway_backend_requests", "Attempts sent to the backend."),
+                ("gateway_backend_failures", "Attempts that failed (connect, timeout, 5xx, died)."),
+            )
+        ]
+        self._counted: dict[tuple[str, int], float] = defaultdict(float)
+
+    def sync(self) -> None:
+        for label, row in _backend_rows(self._backends).items():
+            self._in_flight.labels(label).set(row[0])
+            self._up.labels(label).set(row[1])
+            for index, counter in enumerate(self._counters):
+                added = row[2 + index] - self._counted[label, index]
+                if added > 0:
+                    counter.labels(label).inc(added)
+                    self._counted[label, index] = row[2 + index]

@@ -17,7 +17,12 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
 async def start(
-    app: web.Application, host: str, port: int, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    app: web.Application,
+    host: str,
+    port: int,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    *,
+    reuse_port: bool = False,
 ) -> web.AppRunner:
     """Start serving; the bound port is in `runner.addresses`. On cleanup the runner stops
     listening, then lets in-flight requests (streams included) finish for `drain_timeout`."""
@@ -27,7 +32,7 @@ async def start(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
     await site.start()
     return runner
 
@@ -37,7 +42,12 @@ def bound_port(runner: web.AppRunner) -> int:
 
 
 async def serve_forever(
-    app: web.Application, host: str, port: int, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    app: web.Application,
+    host: str,
+    port: int,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    *,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then drain; SIGHUP reloads the config."""
     loop = asyncio.get_running_loop()
@@ -45,7 +55,7 @@ async def serve_forever(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: app[STORE].reload("sighup"))
-    runner = await start(app, host, port, drain_timeout)
+    runner = await start(app, host, port, drain_timeout, reuse_port=reuse_port)
     log.info(
         "gateway listening",
         host=host,

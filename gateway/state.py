@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.backends import Backends
 from gateway.catalog import Catalog
-from gateway.limits import Limiter
+from gateway.limiter import Limits
 from gateway.metrics import Metrics
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
@@ -35,4 +35,4 @@ POLICIES = web.AppKey("policies", Policies)
 # Set when SIGTERM starts the drain: /ready answers 503 while in-flight requests finish.
 DRAINING = web.AppKey("draining", asyncio.Event)
 CATALOG = web.AppKey("catalog", Catalog)
-LIMITER = web.AppKey("limiter", Limiter)
+LIMITER = web.AppKey("limiter", Limits)

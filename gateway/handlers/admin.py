@@ -1,19 +1,22 @@
-"""Operator endpoints: /health, /debug, /reload, /metrics."""
+"""Operator endpoints: /health, /ready, /debug, /reload, /metrics, /usage."""
 
 from __future__ import annotations
 
 import hmac
+import os
+import signal
 import time
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from yarl import URL
 
 from gateway.backends import Backends
 from gateway.observe import record_of
 from gateway.redact import mask
 from gateway.routing import Snapshot, Target
-from gateway.state import BACKENDS, DRAINING, METRICS, SETTINGS, STORE
+from gateway.state import BACKENDS, DRAINING, LIMITER, METRICS, SETTINGS, STORE
 from wire.errors import AUTHENTICATION, INVALID_REQUEST, APIError
 
 
@@ -84,11 +87,17 @@ def _masked_config(snapshot: Snapshot, backends: Backends) -> dict[str, Any]:
         }
         for k in config.keys
     ]
+    redis_url = None
+    if config.redis_url:
+        url = URL(config.redis_url)
+        redis_url = str(url.with_password("***") if url.password else url)
     return {
         "endpoints": endpoints,
         "keys": keys,
         "allowOrigins": list(config.allow_origins),
         "maxRequestBytes": config.max_request_bytes,
+        "redisUrl": redis_url,
+        "redisFailOpen": config.redis_fail_open,
     }
 
 
@@ -104,6 +113,9 @@ async def debug(request: web.Request) -> web.Response:
             "loadedAt": snapshot.loaded_at,
             "lastReload": store.last_reload.as_dict() if store.last_reload else None,
             "config": _masked_config(snapshot, request.app[BACKENDS]),
+            "limits": request.app[LIMITER].status(),
+            # Under --workers each process answers for itself: this says which one did.
+            "process": {"pid": os.getpid(), "worker": os.environ.get("GATEWAY_WORKER_INDEX")},
         }
     )
 
@@ -123,8 +135,15 @@ async def ready(request: web.Request) -> web.Response:
         models[model_id] = states
         if all(state == "ejected" for state in states.values()):
             unavailable.append(model_id)
-    status = 503 if unavailable else 200
-    body = {"status": "unavailable" if unavailable else "ready", "unavailable": unavailable}
+    limits = request.app[LIMITER].status()
+    # Fail-open keeps serving without Redis (and says so here); fail-closed cannot serve keys.
+    limits_down = limits.get("redis") == "down" and not limits["failOpen"]
+    status = 503 if unavailable or limits_down else 200
+    body = {
+        "status": "unavailable" if status == 503 else "ready",
+        "unavailable": unavailable,
+        "limits": limits,
+    }
     return web.json_response({**body, "models": models}, status=status)
 
 
@@ -141,7 +160,21 @@ async def reload(request: web.Request) -> web.Response:
             None,
             "invalid_config",
         )
+    supervisor = os.environ.get("GATEWAY_SUPERVISOR_PID")
+    if supervisor:
+        # Under --workers this request reached one process: the supervisor passes the reload
+        # on to every process as a SIGHUP (this one reloads again, which changes nothing).
+        os.kill(int(supervisor), signal.SIGHUP)
     return web.json_response({"status": "reloaded", **outcome.as_dict()})
+
+
+async def usage(request: web.Request) -> web.Response:
+    """Requests and tokens per client key and model: summed over every gateway that shares
+    the Redis when one is configured, else this process's since it started."""
+    record_of(request).route = "usage"
+    _require_admin(request)
+    names = [key.name for key in request.app[STORE].current.config.keys]
+    return web.json_response(await request.app[LIMITER].usage(names))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -157,3 +190,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/debug", debug)
     app.router.add_post("/reload", reload)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/usage", usage)
