@@ -8,7 +8,7 @@ GATEWAY_CONFIG ?= config.example.json
 GATEWAY_PORT ?= 3333
 WORKER_PORT ?= 8000
 
-.PHONY: install run gateway worker test lint format clean
+.PHONY: install run gateway worker test redis-server lint format clean
 
 install: $(STAMP)
 
@@ -35,8 +35,15 @@ gateway: $(STAMP)
 worker: $(STAMP)
 	$(BIN)/python -m worker --model demo --port $(WORKER_PORT)
 
-test: $(STAMP) $(COMPOSE_SCHEMA)
+test: $(STAMP) $(COMPOSE_SCHEMA) redis-server
 	$(BIN)/python -m pytest
+
+## Debian's redis-server, which the shared-limits tests start on loopback (when missing).
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && \
+		$$sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

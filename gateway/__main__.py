@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import os
 import sys
-from typing import Any
 
 from gateway.config import ConfigError, load_config
 from gateway.redact import mask
@@ -107,26 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         if origins is None
         else tuple(o.strip() for o in origins.split(",") if o.strip()),
     )
-    try:
-        app = build_app(args.config, settings)
-    except ConfigError as exc:
-        print(f"{args.config}: invalid config, not starting", file=sys.stderr)
-        for line in exc.errors:
-            print(f"  {args.config}: {line}", file=sys.stderr)
-        return 1
     drain = float(os.environ.get("GATEWAY_DRAIN_TIMEOUT") or DEFAULT_DRAIN_TIMEOUT)
     if args.workers < 1:
         print("--workers must be 1 or more", file=sys.stderr)
         return 2
     if args.workers > 1:
-        if args.port == 0:
-            print("--workers needs a fixed --port (the workers share it)", file=sys.stderr)
-            return 2
-        from gateway.supervisor import Supervisor
-
-        _warn_if_limits_are_per_process(app, args.workers)
-        worker_args = ["--config", args.config, "--host", args.host, "--port", str(args.port)]
-        return Supervisor(worker_args, args.workers, drain).run()
+        return _supervise(args, drain)
+    try:
+        app = build_app(args.config, settings)
+    except ConfigError as exc:
+        return _refuse_config(args.config, exc)
     try:
         import uvloop
 
@@ -139,17 +128,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _warn_if_limits_are_per_process(app: Any, workers: int) -> None:
-    from gateway.state import STORE
+def _refuse_config(path: str, exc: ConfigError) -> int:
+    print(f"{path}: invalid config, not starting", file=sys.stderr)
+    for line in exc.errors:
+        print(f"  {path}: {line}", file=sys.stderr)
+    return 1
 
-    config = app[STORE].current.config
-    if config.redis_url or not any(k.rpm or k.tpm or k.max_concurrent for k in config.keys):
-        return
-    print(
-        f"warning: key limits are counted per process; with --workers {workers} and no "
-        "redisUrl a key may get up to that many times its limits",
-        file=sys.stderr,
-    )
+
+def _supervise(args: argparse.Namespace, drain: float) -> int:
+    """The supervisor checks the config and logs, but builds no app: it serves nothing."""
+    from gateway.logs import configure_logging
+    from gateway.redact import Redactor
+    from gateway.supervisor import Supervisor
+
+    if args.port == 0:
+        print("--workers needs a fixed --port (the workers share it)", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _refuse_config(args.config, exc)
+    configure_logging(Redactor())
+    if not config.redis_url and any(k.rpm or k.tpm or k.max_concurrent for k in config.keys):
+        print(
+            f"warning: key limits are counted per process; with --workers {args.workers} and "
+            "no redisUrl a key may get up to that many times its limits",
+            file=sys.stderr,
+        )
+    worker_args = ["--config", args.config, "--host", args.host, "--port", str(args.port)]
+    return Supervisor(worker_args, args.workers, drain).run()
 
 
 if __name__ == "__main__":

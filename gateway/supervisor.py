@@ -22,8 +22,8 @@ from prometheus_client import multiprocess
 
 log = structlog.get_logger("gateway.supervisor")
 
-# A worker that dies sooner than this after starting is restarted only after a pause, so a
-# broken environment does not become a fork loop.
+# A worker that dies sooner than this after starting, twice in a row or more, is restarted
+# only after a pause that doubles each time: a broken environment must not become a fork loop.
 _HEALTHY_AFTER = 10.0
 _MAX_PAUSE = 30.0
 
@@ -38,6 +38,7 @@ class Supervisor:
         self._processes: dict[int, subprocess.Popen[bytes]] = {}  # worker index -> process
         self._started: dict[int, float] = {}
         self._pause: dict[int, float] = {}
+        self._quick_deaths: dict[int, int] = {}
         self._metrics_dir, self._own_dir = _metrics_dir()
 
     def run(self) -> int:
@@ -80,7 +81,10 @@ class Supervisor:
                 continue
             if index not in self._pause:
                 lived = now - self._started[index]
-                pause = 0.0 if lived > _HEALTHY_AFTER else min(_MAX_PAUSE, 1.0 + lived)
+                # Only a worker that keeps dying young is restarted after a growing pause.
+                quick = self._quick_deaths.get(index, 0) + 1 if lived < _HEALTHY_AFTER else 0
+                self._quick_deaths[index] = quick
+                pause = 0.0 if quick <= 1 else min(_MAX_PAUSE, 2.0 ** (quick - 1))
                 self._pause[index] = now + pause
                 multiprocess.mark_process_dead(process.pid, self._metrics_dir)
                 log.warning(
@@ -88,7 +92,7 @@ class Supervisor:
                     worker=index,
                     pid=process.pid,
                     exit_code=code,
-                    restart_in_s=round(pause, 1),
+                    restart_in_s=pause,
                 )
             if now >= self._pause[index]:
                 del self._pause[index]
