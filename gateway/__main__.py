@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible gateway in front of many model backends.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""other environment variables:
-  GATEWAY_ADMIN_KEY  when set, /debug and /reload need 'Authorization: Bearer <key>'
+  GATEWAY_ADMIN_KEY  when set, /debug, /reload and /usage need 'Authorization: Bearer <key>'
   ALLOW_ORIGINS      comma-separated CORS origins (overrides the file's allowOrigins)
   GATEWAY_DRAIN_TIMEOUT  seconds in-flight requests get to finish on SIGTERM (default 30)
   PROMETHEUS_MULTIPROC_DIR  with --workers: where the processes keep their metrics
