@@ -57,6 +57,7 @@ from gateway_bench import (
     STREAM_EVENTS,
     UPSTREAM_MODEL,
     Children,
+    _child_setup,
     _raise_exit,
     completion_body,
     cpu_seconds,
@@ -75,7 +76,6 @@ CLIENT_KEY = "sk-client-key-000000"
 TARGETS = ("direct", "nginx", "gateway")
 PROXIES = ("nginx", "gateway")
 INTERVAL_HEADER = b"x-bench-interval:"
-EVENTS_HEADER = b"x-bench-events:"
 MIB = 1024.0
 # Issue #7's targets for the gateway (with access logging and metrics on).
 GOALS = {
@@ -135,11 +135,15 @@ class _Answers:
 
 class BackendProtocol(asyncio.Protocol):
     answers = _Answers()
+    held: set[BackendProtocol] = set()  # one backend per process
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.timer: asyncio.TimerHandle | None = None
+        self.chunks: list[bytes] = []
+        self.sent = 0
+        self.interval = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, and set TCP_NODELAY.
@@ -148,6 +152,7 @@ class BackendProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self.held.discard(self)
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
@@ -168,6 +173,13 @@ class BackendProtocol(asyncio.Protocol):
     def respond(self, head: bytes, body: bytes) -> None:
         transport = self.transport
         assert transport is not None
+        if head.startswith(b"POST /_release "):
+            released = list(self.held)
+            for stream in released:
+                stream.finish()
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (
+                len(str(len(released))), len(released)))  # fmt: skip
+            return
         if not head.startswith(b"POST"):
             transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             return
@@ -176,30 +188,36 @@ class BackendProtocol(asyncio.Protocol):
         if not _STREAM.search(body):
             transport.write(self.answers.completion(model))
             return
-        lower = head.lower()
-        interval = _header_number(lower, INTERVAL_HEADER)
+        chunks = self.answers.stream(model, STREAM_EVENTS)
+        interval = _header_number(head.lower(), INTERVAL_HEADER)
         if not interval:
             # As fast as it can, but one send() per event, as a model server flushes each one.
-            for chunk in self.answers.stream(model, STREAM_EVENTS):
+            for chunk in chunks:
                 transport.write(chunk)
             return
-        count = int(_header_number(lower, EVENTS_HEADER) or STREAM_EVENTS)
-        self.slow(self.answers.stream(model, max(1, min(count, 10_000))), 0, interval)
+        # Held: the head and the first event now, then an event every `interval` s until
+        # `POST /_release`, which ends every held stream normally (last event, [DONE]).
+        self.chunks, self.sent, self.interval = chunks, 2, interval
+        self.held.add(self)
+        transport.write(chunks[0] + chunks[1])
+        self.timer = asyncio.get_running_loop().call_later(interval, self.tick)
 
-    def slow(self, chunks: list[bytes], sent: int, interval: float) -> None:
-        """The head and the first event at once, then one event per `interval` seconds."""
-        self.timer = None
+    def tick(self) -> None:
         if self.transport is None or self.transport.is_closing():
+            self.held.discard(self)
             return
-        if sent == 0:
-            self.transport.write(chunks[0] + chunks[1])
-            sent = 2
-        else:
-            self.transport.write(chunks[sent])
-            sent += 1
-        if sent < len(chunks):
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(interval, self.slow, chunks, sent, interval)
+        # The middle events over and over: the first and the last are sent once.
+        self.transport.write(self.chunks[1 + (self.sent - 1) % (len(self.chunks) - 3)])
+        self.sent += 1
+        self.timer = asyncio.get_running_loop().call_later(self.interval, self.tick)
+
+    def finish(self) -> None:
+        self.held.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.chunks[-2] + self.chunks[-1])
 
 
 def _header_number(head: bytes, name: bytes) -> float:
@@ -306,27 +324,78 @@ def tree_rss_kib(pids: list[int]) -> int:
     return total
 
 
+# Kills the process groups it was told about once its stdin closes without "done": when the
+# bench dies however it dies, SIGKILL included, which PR_SET_PDEATHSIG covers only for direct
+# children (not nginx's worker, nor the gateway's `--workers`).
+_REAPER = """
+import os, signal, sys
+groups = set()
+for line in sys.stdin:
+    if line.strip() == "done":
+        sys.exit(0)
+    groups.add(int(line))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
 class Processes(Children):
-    """gateway_bench's Children (SIGTERM, then SIGKILL; PR_SET_PDEATHSIG; atexit), plus the
-    grandchildren it has seen (nginx's worker, the gateway's workers): those do not die with
-    the bench when their parent is killed, so they are killed here by pid."""
+    """gateway_bench's Children (SIGTERM, then SIGKILL; PR_SET_PDEATHSIG; atexit), with each
+    child in a process group of its own: Ctrl-C reaches only the bench, which then stops them
+    all, grandchildren included, and a reaper process does the same if the bench is killed."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: set[int] = set()
+        self.groups: set[int] = set()
+        self.reaper: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-c", _REAPER], stdin=subprocess.PIPE, start_new_session=True
+        )
 
-    def remember(self, pids: list[int]) -> None:
-        self.seen.update(pids)
+    def start(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        stdout: Any = subprocess.DEVNULL,
+        stderr: Any = subprocess.DEVNULL,
+        cpus: set[int] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            preexec_fn=_child_setup(cpus),
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        self.groups.add(proc.pid)
+        if self.reaper is not None and self.reaper.stdin is not None:
+            self.reaper.stdin.write(b"%d\n" % proc.pid)
+            self.reaper.stdin.flush()
+        return proc
 
     def stop_all(self) -> None:
-        direct = {proc.pid for proc in self.procs}
         super().stop_all()
-        for pid in self.seen - direct:
-            kill_if_ours(pid)
+        for group in self.groups:
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGKILL)
+        self.groups.clear()
+        if self.reaper is not None and self.reaper.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.reaper.stdin.write(b"done\n")
+                self.reaper.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.reaper.wait(timeout=5)
+            self.reaper = None
 
     def stop_tree(self, pid: int) -> None:
-        """Stop one started process and what it started (a `--workers` gateway) mid-run."""
-        tree = descendants(pid)
+        """Stop one started process and its group (a `--workers` gateway) mid-run."""
         for proc in list(self.procs):
             if proc.pid == pid:
                 proc.terminate()
@@ -336,18 +405,9 @@ class Processes(Children):
                     proc.kill()
                     proc.wait(timeout=5)
                 self.procs.remove(proc)
-        for child in tree[1:]:
-            kill_if_ours(child)
-
-
-def kill_if_ours(pid: int) -> None:
-    """SIGKILL a grandchild seen earlier, if that pid is still an nginx or gateway process (an
-    orphan keeps its command line; a recycled pid would not have it)."""
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-        if b"nginx" in cmdline or b"gateway" in cmdline:
-            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        self.groups.discard(pid)
 
 
 @dataclass
@@ -454,7 +514,6 @@ class Bench:
             "--latency", "-s", str(WRK_SCRIPT), f"http://{HOST}:{proxy.port}/v1/chat/completions",
         ]  # fmt: skip
         pids = proxy.pids()
-        self.procs.remember(pids)
         before = tree_cpu(pids), cpu_seconds(self.backend_pid)
         proc = self.procs.start(
             argv,
@@ -602,66 +661,106 @@ class HoldResult:
     streams: int
     completed: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    peak_open: int = 0
+    all_open_after_s: float = math.nan
     rss_before_kib: int = 0
     rss_all_open_kib: int = 0
+    rss_held_kib: int = 0  # after `hold_seconds` with all of them open
     rss_peak_kib: int = 0
     rss_after_kib: int = 0
-    all_open_after_s: float = math.nan
     proxy_cpu_s: float = 0.0
 
 
+async def _release(backend_port: int) -> None:
+    reader, writer = await asyncio.open_connection(HOST, backend_port)
+    writer.write(b"POST /_release HTTP/1.1\r\nHost: backend\r\nContent-Length: 0\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+
+
 async def hold_streams(
-    proxy: Proxy, n: int, events: int, limit_s: float, settle: float, connect_at_once: int
+    proxy: Proxy,
+    backend_port: int,
+    n: int,
+    hold_seconds: float,
+    limit_s: float,
+    settle: float,
+    connect_at_once: int,
 ) -> HoldResult:
-    """`n` streams at one event per second, all open at once; the proxy's RSS meanwhile."""
-    request = proxy.raw_request(True, {"X-Bench-Events": str(events), "X-Bench-Interval": "1"})
+    """`n` streams open at once through `proxy` (the backend sends one event per second), held
+    `hold_seconds` once all are open, then ended by the backend; the proxy's RSS throughout."""
+    request = proxy.raw_request(True, {"X-Bench-Interval": "1"})
     pids = proxy.pids()
     result = HoldResult(streams=n, rss_before_kib=tree_rss_kib(pids))
-    opened = 0
-    all_open = asyncio.Event()
+    open_now = settled = 0
+    all_settled = asyncio.Event()  # every stream is open, or failed before it opened
     # The gateway listens with aiohttp's backlog of 128: 2,000 connects at once would overflow
     # it and wait for SYN retries, which would time the kernel, not the proxy.
     gate = asyncio.Semaphore(connect_at_once)
 
+    def settle_one() -> None:
+        nonlocal settled
+        settled += 1
+        if settled == n:
+            all_settled.set()
+
     async def one() -> None:
-        nonlocal opened
+        nonlocal open_now
         writer: asyncio.StreamWriter | None = None
+        opened = False
         try:
-            async with asyncio.timeout(limit_s + events + 5):
-                async with gate:
-                    reader, writer = await asyncio.open_connection(HOST, proxy.port)
-                    writer.write(request)
-                    head = await reader.readuntil(b"\r\n\r\n")
+            events = 0
+            async with gate, asyncio.timeout(limit_s):
+                reader, writer = await asyncio.open_connection(HOST, proxy.port)
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
                 if int(head[9:12]) != 200 or b"chunked" not in head.lower():
                     raise BadAnswer(f"bad head: {head[:80]!r}")
-                seen = 0
-                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                    await reader.readexactly(size + 2)
-                    seen += 1
-                    if seen == 1:
-                        opened += 1
-                        if opened == n:
-                            all_open.set()
-                await reader.readuntil(b"\r\n")
-                if seen != events + 1:
-                    raise BadAnswer(f"{seen} chunks, not {events} events and [DONE]")
+            tail = b""
+            while True:
+                async with asyncio.timeout(limit_s):
+                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                    if not size:
+                        await reader.readuntil(b"\r\n")
+                        break
+                    data = (await reader.readexactly(size + 2))[:-2]
+                # Chunks are not events: a proxy may pass on two events in one chunk.
+                events += data.count(b"data: ")
+                tail = (tail + data)[-64:]
+                if not opened and events:
+                    opened = True
+                    open_now += 1
+                    result.peak_open = max(result.peak_open, open_now)
+                    settle_one()
+            if not tail.endswith(DONE):
+                raise BadAnswer(f"no [DONE] after {events} events")
             result.completed += 1
         except (BadAnswer, OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             result.errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
+            if not opened:
+                settle_one()
         finally:
+            if opened:
+                open_now -= 1
             if writer is not None:
                 writer.close()
+
+    async def sample_until(done: Callable[[], bool]) -> None:
+        while not done() and not gathered.done():
+            result.rss_peak_kib = max(result.rss_peak_kib, tree_rss_kib(pids))
+            await asyncio.wait([gathered], timeout=0.1)
 
     cpu_before = tree_cpu(pids)
     started = time.perf_counter()
     gathered = asyncio.gather(*(one() for _ in range(n)))
-    while not gathered.done():
-        rss = tree_rss_kib(pids)
-        result.rss_peak_kib = max(result.rss_peak_kib, rss)
-        if all_open.is_set() and not result.rss_all_open_kib:
-            result.all_open_after_s = time.perf_counter() - started
-            result.rss_all_open_kib = rss
-        await asyncio.wait([gathered], timeout=0.1)
+    await sample_until(all_settled.is_set)
+    result.all_open_after_s = time.perf_counter() - started
+    result.rss_all_open_kib = tree_rss_kib(pids)
+    held_until = time.perf_counter() + hold_seconds
+    await sample_until(lambda: time.perf_counter() >= held_until)
+    result.rss_held_kib = tree_rss_kib(pids)
+    await _release(backend_port)
+    await sample_until(lambda: False)
     await gathered
     result.proxy_cpu_s = tree_cpu(pids) - cpu_before
     await asyncio.sleep(settle)
@@ -851,8 +950,9 @@ def measure(
                 hold = run_async(
                     hold_streams(
                         proxies[name],
+                        proxies["direct"].port,
                         args.streams,
-                        events=args.hold_seconds,
+                        hold_seconds=args.hold_seconds,
                         limit_s=args.timeout,
                         settle=2.0,
                         connect_at_once=64,
@@ -1036,6 +1136,8 @@ def summarize(measured: dict[str, Any]) -> dict[str, Any]:
         holds[name] = {
             "rss_before_first_mib": runs[0].rss_before_kib / MIB,
             "rss_all_open_mib": median([r.rss_all_open_kib / MIB for r in runs]),
+            "rss_held_mib": median([r.rss_held_kib / MIB for r in runs]),
+            "peak_open": median([float(r.peak_open) for r in runs]),
             "rss_peak_mib": median([r.rss_peak_kib / MIB for r in runs]),
             "rss_after_mib": [round(r.rss_after_kib / MIB, 1) for r in runs],
             "all_open_after_s": median([r.all_open_after_s for r in runs]),
@@ -1083,8 +1185,9 @@ def print_report(results: dict[str, Any]) -> None:
         print()
         streams = meta["streams"]
         print(
-            f"  {streams} streams held open at once (one event per second, {meta['hold_seconds']} "
-            "events each); RSS of the proxy's processes (MiB)"
+            f"  {streams} streams open at once (one event per second each), held "
+            f"{meta['hold_seconds']} s once all are open, then ended by the backend; "
+            "RSS of the proxy's processes (MiB)"
         )
         print(f"  {'':42}{'':10}{'nginx':>10}{'gateway':>10}")
 
@@ -1094,7 +1197,9 @@ def print_report(results: dict[str, Any]) -> None:
 
         line("before the first hold", "rss_before_first_mib")
         line(f"all {streams} open", "rss_all_open_mib")
+        line(f"all open, {meta['hold_seconds']} s later", "rss_held_mib")
         line("peak while holding", "rss_peak_mib")
+        line("most open at once", "peak_open", 0)
         line("all open after (s)", "all_open_after_s", 2)
         line("CPU per held stream (µs)", "cpu_us_per_held_stream", 0)
         for name in PROXIES:
@@ -1161,7 +1266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-duration", type=int, default=2, help="s per c=1 run (2)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     parser.add_argument("--streams", type=int, default=2000, help="streams held (2000; 0 skips)")
-    parser.add_argument("--hold-seconds", type=int, default=5, help="events per held stream (5)")
+    parser.add_argument("--hold-seconds", type=int, default=5, help="s held, all open (5)")
     parser.add_argument("--timeout", type=float, default=15.0, help="client timeout, s (15)")
     parser.add_argument("--quick", action="store_true", help="1 rep, 2 s runs, 500 streams")
     parser.add_argument("--no-pin", action="store_true", help="pin nothing")
@@ -1194,6 +1299,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     wrk, nginx = ensure_tools()
     signal.signal(signal.SIGTERM, _raise_exit)
+    # Even when started with SIGINT ignored (in the background from a script): Ctrl-C or
+    # kill -INT must stop the run and its children.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # 2,000 held streams: 2,000 sockets here, 4,000 in a proxy; children inherit the limit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = max(soft, min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536)
@@ -1245,8 +1353,6 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway", gateway_port, gateway_pid, PUBLIC_MODEL, CLIENT_KEY, workdir
             ),
         }
-        for proxy in proxies.values():
-            procs.remember(proxy.pids())
         measured = measure(bench, proxies, progress)
         results: dict[str, Any] = {"summary": summarize(measured)}
         results["per_rep"] = measured["per_rep"]
@@ -1327,6 +1433,9 @@ def _cpu_model() -> str:
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: the children are stopped already (finally)
+        print("\nproxy_bench: interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # `| head`: not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
