@@ -189,7 +189,7 @@ def test_image_environment_is_read_by_the_code() -> None:
 
 def test_services_and_targets() -> None:
     services = compose()["services"]
-    assert set(services) == {"worker", "gateway", "open-webui", "prometheus"}
+    assert set(services) == {"worker", "gateway", "open-webui", "prometheus", "redis"}
     stages = dockerfile_stages()
     assert services["worker"]["build"]["target"] == "worker"
     assert services["gateway"]["build"]["target"] == "gateway"
@@ -199,6 +199,7 @@ def test_services_and_targets() -> None:
     for service in ("worker", "gateway"):
         assert services[service]["build"]["target"] in stages
     assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["redis"]["profiles"] == ["redis"]
 
 
 def test_gpu_reserved_and_the_cpu_override_drops_it() -> None:
@@ -269,6 +270,20 @@ def test_prometheus_scrapes_the_services_metrics() -> None:
     }
 
 
+def test_redis_profile_is_what_the_gateway_config_points_at() -> None:
+    services = compose()["services"]
+    redis = services["redis"]
+    assert re.search(r":\d+\.\d+\.\d+-alpine$", redis["image"]), redis["image"]
+    assert redis["expose"] == ["6379"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "redis:/data" in redis["volumes"]
+    assert services["gateway"]["environment"]["REDIS_URL"] == "${REDIS_URL:-}"
+    example = (ROOT / ".env.example").read_text()
+    assert "redis://redis:6379/0 with `--profile redis`" in example
+    config = json.loads((ROOT / "config/gateway.json").read_text())
+    assert config["redisUrl"] == "${REDIS_URL:-}"
+
+
 def test_env_example_documents_every_variable_and_nothing_else() -> None:
     used = set()
     for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
@@ -297,6 +312,17 @@ def test_mounted_config_loads_with_gateway_check() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "ok, 2 model(s)" in result.stdout
+    env["REDIS_URL"] = "redis://redis:6379/0"
+    with_redis = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", "config/gateway.json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert with_redis.returncode == 0, with_redis.stderr
+    env.pop("REDIS_URL")
     env.pop("OPENAI_API_KEY")
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "check", "--config", "config/gateway.json"],
