@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -14,7 +13,7 @@ from multidict import CIMultiDict
 from gateway.failover import Sent, is_event_stream, is_json_like
 from gateway.observe import RequestRecord
 from gateway.redact import Redactor
-from gateway.rewrite import dumps, rewrite_event, rewrite_json_body, usage_of
+from gateway.rewrite import RewrittenEvent, dumps, rewrite_event, rewrite_json_body, usage_of
 from gateway.routing import Hop
 from gateway.upstream import Deadline, UpstreamError, read_chunks, returned_headers
 from wire.errors import UPSTREAM_ERROR, error_payload
@@ -111,11 +110,11 @@ async def _relay_events(
             out = []
             for event in events:
                 rewritten = rewrite_event(event, hop.public_id)
-                usage = usage_of(rewritten.payload)
+                usage = usage_of(rewritten.payload, rewritten.source)
                 if usage:
                     record.prompt_tokens, record.completion_tokens = usage
                     if strip_usage:
-                        kept = _without_usage(rewritten.payload)
+                        kept = _without_usage(rewritten, hop.public_id)
                         if kept is not None:
                             out.append(kept)
                         continue
@@ -139,11 +138,12 @@ async def _relay_events(
     return response
 
 
-def _without_usage(payload: dict[str, Any]) -> bytes | None:
+def _without_usage(rewritten: RewrittenEvent, public_id: str) -> bytes | None:
     """The event as the client would have had it without the gateway's usage request: the
     usage-only chunk disappears, and a chunk that also carries choices loses its `usage`."""
-    if not payload.get("choices"):
+    if not rewritten.payload.get("choices"):
         return None
+    payload = rewritten.exact_payload(public_id)
     return b"data: " + dumps({k: v for k, v in payload.items() if k != "usage"}) + b"\n\n"
 
 

@@ -7,11 +7,87 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 _COMPACT = (",", ":")
 
 
 def dumps(payload: Any) -> bytes:
     return json.dumps(payload, separators=_COMPACT, ensure_ascii=False).encode()
+
+
+def loads(data: bytes) -> Any:
+    """`json.loads`, faster, for reading a document: orjson parses what it accepts; whatever it
+    refuses (NaN, lone surrogates, a BOM, UTF-16, deep nesting) goes to json, which keeps the
+    last word on what is valid and on the error raised.
+
+    orjson reads integers beyond 64 bits as floats, so a payload from here is for reading
+    (`model`, `stream`, `usage`); what is re-encoded is parsed with `json.loads`."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+# A `"model"` member whose value is a string, at any depth. Outside a string `"` is never
+# escaped and inside one it always is, so each match is a real key, never text in a value.
+_MODEL_MEMBER = re.compile(rb'("model"[ \t\r\n]*:[ \t\r\n]*)"(?:[^"\\]|\\.)*"')
+
+
+def splice_models(
+    data: bytes, new_model: str, expected: Any, places: int, append: bytes = b""
+) -> bytes | None:
+    """`data` with the string value of its `"model"` members set to `new_model` (and `append`,
+    members of its own, added at the end of the top-level object), without re-encoding the
+    rest; None when that would not be exactly `expected`, what a parse and re-encode gives.
+
+    `places` is how many `"model"` members `expected` changed or kept. When the document has
+    no backslash at all, no key is written with an escape, so every `"model"` key with a string
+    value is a match: as many matches as places proves they are the ones. Otherwise the result
+    is parsed and compared with `expected`."""
+    try:
+        value = orjson.dumps(new_model)
+    except TypeError:  # a lone surrogate: json's own path decides what happens
+        return None
+    pieces: list[bytes] = []
+    done = 0  # data[:done] is in `pieces` already
+    find, match = data.find, _MODEL_MEMBER.match
+    position = find(b'"model"')
+    while position != -1:
+        member = match(data, position)
+        if member is None:
+            position = find(b'"model"', position + 1)
+            continue
+        pieces += (data[done : member.end(1)], value)
+        done = member.end()
+        position = find(b'"model"', done)
+    count = len(pieces) // 2
+    if count == 0:
+        return None
+    pieces.append(data[done:])
+    spliced = b"".join(pieces)
+    if append:
+        end = spliced.rstrip()
+        if not end.endswith(b"}"):
+            return None
+        spliced = end[:-1] + b"," + append + b"}"
+    if count != places or b"\\" in data:
+        try:
+            if loads(spliced) != expected:
+                return None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+    return spliced
+
+
+def model_places(payload: Any) -> int:
+    """How many `"model"` members `set_response_model` looks at (top level, `response`)."""
+    if not isinstance(payload, dict):
+        return 0
+    nested = payload.get("response")
+    return isinstance(payload.get("model"), str) + (
+        isinstance(nested, dict) and isinstance(nested.get("model"), str)
+    )
 
 
 def set_response_model(payload: Any, public_id: str) -> bool:
@@ -37,8 +113,11 @@ def set_response_model(payload: Any, public_id: str) -> bool:
     return changed
 
 
-def usage_of(payload: Any) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from a response's or event's `usage`, if it carries one."""
+def usage_of(payload: Any, data: bytes | None = None) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from a response's or event's `usage`, if it carries one.
+
+    With `data`, the JSON that `payload` was read from: a count that came out as a float is
+    read again with json, where an integer beyond 64 bits stays an integer."""
     if not isinstance(payload, dict):
         return None
     usage = payload.get("usage")
@@ -49,6 +128,8 @@ def usage_of(payload: Any) -> tuple[int, int] | None:
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
     if not isinstance(prompt, int) or not isinstance(completion, int):
+        if data is not None and (isinstance(prompt, float) or isinstance(completion, float)):
+            return usage_of(json.loads(data))
         return None
     return prompt, completion
 
@@ -61,37 +142,39 @@ class RewrittenBody:
 
 
 def rewrite_json_body(body: bytes, public_id: str) -> RewrittenBody:
-    """A JSON response body with the public id put back; non-JSON bodies pass untouched."""
+    """A JSON response body with the public id put back; non-JSON bodies pass untouched.
+    Only the model's bytes change when that can be proven exact; else it is re-encoded."""
     try:
-        payload = json.loads(body)
+        payload = loads(body)
     except (ValueError, UnicodeDecodeError):
         return RewrittenBody(body, None, None)
     upstream_model = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(upstream_model, str):
         upstream_model = None
-    usage = usage_of(payload)
+    usage = usage_of(payload, body)
+    places = model_places(payload)
     if set_response_model(payload, public_id):
-        body = dumps(payload)
+        spliced = splice_models(body, public_id, payload, places)
+        if spliced is None:
+            exact = json.loads(body)
+            set_response_model(exact, public_id)
+            spliced = dumps(exact)
+        body = spliced
     return RewrittenBody(body, upstream_model, usage)
 
 
 @dataclass(slots=True)
 class RewrittenEvent:
     data: bytes
-    payload: Any  # the parsed JSON of the event's data, or None
+    payload: Any  # the parsed JSON of the event's data (for reading only, see `loads`), or None
     done: bool
+    source: bytes = b""  # the event's JSON data as the backend sent it
 
-
-# A single-line `data:` event whose JSON object starts with simple scalar members and then
-# `"model": "<string>"`, as OpenAI, vLLM, Ollama and llama.cpp all send their chunks. The
-# members before it being plain scalars proves the key is top level, so its value can be
-# swapped in place without parsing the event.
-_FAST_EVENT = re.compile(
-    rb'\Adata: ?(\{\s*(?:"[A-Za-z_]+"\s*:\s*(?:"[^"\\\n]*"|-?\d+|null|true|false)\s*,\s*)*'
-    rb'"model"\s*:\s*)"(?:[^"\\\n]|\\.)*"([^\r\n]*)(?:\r?\n){2}\Z'
-)
-# Only events that carry usage (or a nested Responses-API object) need a full parse.
-_NEEDS_PARSE = re.compile(rb'"usage"\s*:\s*\{|"response"\s*:|"model"\s*:')
+    def exact_payload(self, public_id: str) -> Any:
+        """The payload parsed with json and rewritten, for re-encoding."""
+        payload = json.loads(self.source)
+        set_response_model(payload, public_id)
+        return payload
 
 
 def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
@@ -100,13 +183,55 @@ def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
     Comment, `event:` and `id:` lines keep their place; multi-line `data:` is joined as the
     SSE spec says and re-emitted as one line. Events that are not JSON pass byte for byte.
     """
-    fast = _FAST_EVENT.match(event)
-    if fast is not None and not _NEEDS_PARSE.search(event, fast.end(1)):
-        # The common chunk: the model swapped in place, no parse, no re-encode.
-        head, tail = fast.group(1), fast.group(2)
-        data = head + json.dumps(public_id, ensure_ascii=False).encode() + tail
-        # No parse, so no payload to report (events with usage never take this path).
-        return RewrittenEvent(b"data: " + data + b"\n\n", None, False)
+    # The common event, one `data:` line ending in LF LF: the model's bytes are swapped in
+    # place when that is provably what a parse and re-encode would give.
+    if (
+        event.startswith(b"data:")
+        and event.find(b"\n") == len(event) - 2
+        and event.endswith(b"\n\n")
+        and event.find(b"\r") == -1
+    ):
+        data = event[5:-2]
+        if data.startswith(b" "):
+            data = data[1:]
+        if data.strip() == b"[DONE]":
+            return RewrittenEvent(event, None, True)
+        try:
+            payload = loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return _rewrite_event_slowly(event, public_id)
+        if payload.__class__ is dict and payload.get("response") is None:
+            # A chunk: `model` at the top level only. With no backslash in the data and one
+            # `"model"` in all its bytes, that one is the top-level key (see splice_models).
+            model = payload.get("model")
+            if model.__class__ is str:
+                if model == public_id:
+                    return RewrittenEvent(event, payload, False, data)
+                payload["model"] = public_id
+                at = data.find(b'"model"')
+                if b"\\" not in data and data.find(b'"model"', at + 7) == -1:
+                    member = _MODEL_MEMBER.match(data, at)
+                    if member is not None:
+                        try:
+                            value = orjson.dumps(public_id)
+                        except TypeError:
+                            return _rewrite_event_slowly(event, public_id)
+                        out = b"".join(
+                            (b"data: ", data[: member.end(1)], value, data[member.end() :], b"\n\n")
+                        )
+                        return RewrittenEvent(out, payload, False, data)
+                payload["model"] = model  # and the general way below
+        places = model_places(payload)
+        if not set_response_model(payload, public_id):
+            return RewrittenEvent(event, payload, False, data)
+        spliced = splice_models(data, public_id, payload, places)
+        if spliced is not None:
+            return RewrittenEvent(b"data: " + spliced + b"\n\n", payload, False, data)
+    return _rewrite_event_slowly(event, public_id)
+
+
+def _rewrite_event_slowly(event: bytes, public_id: str) -> RewrittenEvent:
+    """Any event: its data lines joined, parsed with json, re-encoded when the model changes."""
     lines = event.splitlines()
     while lines and not lines[-1]:  # the blank line that ends the event
         lines.pop()
@@ -121,7 +246,7 @@ def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
     except (ValueError, UnicodeDecodeError):
         return RewrittenEvent(event, None, False)
     if not set_response_model(payload, public_id):
-        return RewrittenEvent(event, payload, False)
+        return RewrittenEvent(event, payload, False, data)
     out: list[bytes] = []
     data_written = False
     for line in lines:
@@ -131,4 +256,4 @@ def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
                 data_written = True
         else:
             out.append(line)
-    return RewrittenEvent(b"\n".join(out) + b"\n\n", payload, False)
+    return RewrittenEvent(b"\n".join(out) + b"\n\n", payload, False, data)

@@ -36,6 +36,17 @@ class SSESplitter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Add `chunk`; return the events it completes, each ending in its blank line."""
+        if not self._buffer and chunk.find(b"\r") == -1:
+            # The common case, nothing pending and LF framing: the terminator is exactly
+            # LF LF, found left to right as the regex would, without copying into the buffer.
+            parts = chunk.split(b"\n\n")
+            rest = parts.pop()
+            if rest:
+                self._buffer += rest
+                self._scanned = len(rest)
+                if self._scanned > self._max:
+                    raise EventTooLarge(f"an SSE event exceeded {self._max} bytes")
+            return [part + b"\n\n" for part in parts]
         self._buffer += chunk
         events: list[bytes] = []
         start = 0

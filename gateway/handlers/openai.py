@@ -16,7 +16,7 @@ from gateway.failover import Failover, NoBackend
 from gateway.multipart import boundary_of, replace_model_field
 from gateway.observe import record_of
 from gateway.relay import relay
-from gateway.rewrite import dumps
+from gateway.rewrite import dumps, loads, splice_models
 from gateway.routing import Hop, Route, Snapshot
 from gateway.state import (
     BACKENDS,
@@ -38,6 +38,7 @@ NAMED_ROUTES = {
     "embeddings": "embeddings",
 }
 _STARTED = int(time.time())
+_INCLUDE_USAGE_MEMBER = b'"stream_options":{"include_usage":true}'
 
 
 def _model_card(model_id: str, name: str) -> dict[str, Any]:
@@ -179,7 +180,7 @@ class _Body:
         if not self.raw.strip():
             raise _missing_model()
         try:
-            payload = json.loads(self.raw)
+            payload = loads(self.raw)
         except RecursionError:
             raise APIError(
                 400, "The JSON body is nested too deeply.", INVALID_REQUEST, None, "invalid_json"
@@ -228,12 +229,31 @@ class _Body:
         if self._boundary is not None:
             return replace_model_field(self.raw, self._boundary, hop.upstream_model)[1]
         assert self.payload is not None
-        if ask_usage:
-            options = {**(self.payload.get("stream_options") or {}), "include_usage": True}
-            return dumps({**self.payload, "model": hop.upstream_model, "stream_options": options})
-        if hop.upstream_model == self.model:
+        if not ask_usage and hop.upstream_model == self.model:
             return self.raw
-        return dumps({**self.payload, "model": hop.upstream_model})
+        # Only the model's bytes change (and stream_options is added) where that is provably
+        # what re-encoding would give; re-encoding is for the rest.
+        if ask_usage:
+            if "stream_options" not in self.payload:
+                expected = {
+                    **self.payload,
+                    "model": hop.upstream_model,
+                    "stream_options": {"include_usage": True},
+                }
+                spliced = splice_models(
+                    self.raw, hop.upstream_model, expected, 1, _INCLUDE_USAGE_MEMBER
+                )
+                if spliced is not None:
+                    return spliced
+            exact = json.loads(self.raw)
+            options = {**(exact.get("stream_options") or {}), "include_usage": True}
+            return dumps({**exact, "model": hop.upstream_model, "stream_options": options})
+        spliced = splice_models(
+            self.raw, hop.upstream_model, {**self.payload, "model": hop.upstream_model}, 1
+        )
+        if spliced is not None:
+            return spliced
+        return dumps({**json.loads(self.raw), "model": hop.upstream_model})
 
 
 def _missing_model() -> APIError:
@@ -265,7 +285,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     admission = None if caller is None else await limiter.admit(caller)  # or 429
     if admission is not None:
         record.limit_headers = admission.headers
-    in_flight = request.app[METRICS].in_flight.labels(route.public_id)
+    meters = record.meters
+    in_flight = (
+        meters.in_flight(route.public_id)
+        if meters is not None
+        else request.app[METRICS].in_flight.labels(route.public_id)
+    )
     in_flight.inc()
     try:
         return await _forward(request, route, body, tail)

@@ -1,0 +1,206 @@
+"""The byte-level model rewrites give exactly what parsing and re-encoding gives, whatever
+the document: escaped keys, duplicate keys, nested `model` members, huge integers, NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from types import SimpleNamespace
+from typing import Any
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from gateway.handlers.openai import _Body
+from gateway.rewrite import (
+    _rewrite_event_slowly,
+    loads,
+    rewrite_event,
+    rewrite_json_body,
+    set_response_model,
+    splice_models,
+    usage_of,
+)
+from wire.sse import SSESplitter
+
+_keys = st.sampled_from(
+    ["model", "response", "usage", "choices", "prompt_tokens", "x", 'x"model', "mo\\del", "é"]
+)
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**63 - 2, max_value=2**70),
+    st.integers(min_value=-(2**70), max_value=-(2**63) + 2),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from(["real-model", 'quo"te', "back\\slash", "\u2028", "é"]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(_keys, children, max_size=4)
+    ),
+    max_leaves=10,
+)
+_documents = st.dictionaries(_keys, _values, max_size=5)
+
+
+@st.composite
+def _encoded(draw: st.DrawFn, document: Any) -> bytes:
+    """`document` as some client or backend might write it."""
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
+    text = json.dumps(document, separators=separators, ensure_ascii=draw(st.booleans()))
+    if draw(st.booleans()):  # some keys written with an escape: "mod\u0065l"
+        text = re.sub(
+            r'"model"(?=\s*:)', lambda _: draw(st.sampled_from(['"model"', '"mod\\u0065l"'])), text
+        )
+    if draw(st.booleans()):  # a duplicate key: the last one wins
+        text = text[:-1] + ("," if len(text) > 2 else "") + '"model":"dup"}'
+    return text.encode()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON, NaN included."""
+    return json.dumps(a) == json.dumps(b)
+
+
+def _reference(data: bytes, public: str) -> Any:
+    payload = json.loads(data)
+    set_response_model(payload, public)
+    return payload
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data(), document=_documents, public=st.sampled_from(["public", 'p"q', "p\\q", "é"]))
+@example(data=None, document=None, public="public")
+def test_event_rewrite_matches_a_parse(data: Any, document: Any, public: str) -> None:
+    if data is None:  # the usual chunk
+        raw = b'{"id":"c1","object":"chat.completion.chunk","model":"real-model","choices":[]}'
+    else:
+        raw = data.draw(_encoded({"model": "real-model", **document}))
+    event = b"data: " + raw + b"\n\n"
+    fast = rewrite_event(event, public)
+    slow = _rewrite_event_slowly(event, public)
+    assert fast.done is slow.done is False
+    assert fast.data.endswith(b"\n\n") and fast.data.startswith(b"data: ")
+    assert _same(json.loads(fast.data[6:-2]), json.loads(slow.data[6:-2]))
+    assert _same(json.loads(fast.data[6:-2]), _reference(raw, public))
+    assert usage_of(fast.payload, fast.source) == usage_of(slow.payload)
+    assert _same(fast.exact_payload(public), slow.payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), document=_documents, public=st.sampled_from(["public", 'p"q', "é"]))
+def test_json_body_rewrite_matches_a_parse(data: Any, document: Any, public: str) -> None:
+    raw = data.draw(_encoded({"model": "real-model", **document}))
+    out = rewrite_json_body(raw, public)
+    assert _same(json.loads(out.body), _reference(raw, public))
+    payload = json.loads(raw)
+    assert out.upstream_model == (
+        payload["model"] if isinstance(payload.get("model"), str) else None
+    )
+    assert out.usage == usage_of(payload)
+
+
+def _body(raw: bytes) -> _Body:
+    request = SimpleNamespace(headers={"Content-Type": "application/json"})
+    return _Body(request, raw)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    document=_documents,
+    upstream=st.sampled_from(["upstream/m", 'u"q', "u\\q", "é", "client"]),
+    ask_usage=st.booleans(),
+)
+def test_request_body_rewrite_matches_a_parse(
+    data: Any, document: Any, upstream: str, ask_usage: bool
+) -> None:
+    document.pop("stream_options", None)
+    raw = data.draw(_encoded({"model": "client", "stream": True, **document}))
+    model = json.loads(raw).get("model")
+    if not isinstance(model, str) or not model:
+        return  # refused with a 400 before any rewrite
+    body = _body(raw)
+    hop = SimpleNamespace(upstream_model=upstream)
+    out = body.for_hop(hop, ask_usage)  # type: ignore[arg-type]
+    expected = json.loads(raw)
+    if ask_usage:
+        options = {**(expected.get("stream_options") or {}), "include_usage": True}
+        expected = {**expected, "model": upstream, "stream_options": options}
+    else:
+        expected = {**expected, "model": upstream}
+    assert _same(json.loads(out), expected)
+    if not ask_usage and upstream == body.model:
+        assert out == raw
+
+
+def test_request_bodies_keep_their_bytes_but_the_model() -> None:
+    raw = b'{"messages":[{"role":"user","content":"hi"}],"model":"client","n":123456789012345678901234}'
+    out = _body(raw).for_hop(SimpleNamespace(upstream_model="real"), False)  # type: ignore[arg-type]
+    assert out == raw.replace(b'"client"', b'"real"')
+    out = _body(raw).for_hop(SimpleNamespace(upstream_model="real"), True)  # type: ignore[arg-type]
+    assert (
+        out
+        == raw.replace(b'"client"', b'"real"')[:-1] + b',"stream_options":{"include_usage":true}}'
+    )
+
+
+def test_splice_refuses_what_it_cannot_prove() -> None:
+    # An escaped top-level key and a nested plain one: the nested one must not be touched.
+    raw = b'{"mod\\u0065l":"a","x":{"model":"a"}}'
+    payload = json.loads(raw)
+    expected = {**payload, "model": "b"}
+    assert splice_models(raw, "b", expected, 1) is None
+    out = rewrite_json_body(raw, "b")
+    assert json.loads(out.body) == {"model": "b", "x": {"model": "a"}}
+
+
+def test_loads_reads_like_json() -> None:
+    for raw in (b"NaN", b'{"a": NaN}', b'"\\ud800"', b"\xef\xbb\xbf{}", b"1e400", b"[1]"):
+        got, want = loads(raw), json.loads(raw)
+        assert _same(got, want) or (isinstance(got, float) and math.isnan(got))
+    for raw in (b"{bad", b"", b"\xff"):
+        try:
+            json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            try:
+                loads(raw)
+            except type(exc) as again:
+                assert str(again) == str(exc)
+            else:
+                raise AssertionError(raw)
+
+
+def test_usage_with_huge_counts_stays_exact() -> None:
+    raw = b'{"model":"m","usage":{"prompt_tokens":123456789012345678901,"completion_tokens":1}}'
+    assert rewrite_json_body(raw, "p").usage == (123456789012345678901, 1)
+    event = rewrite_event(b"data: " + raw + b"\n\n", "p")
+    assert usage_of(event.payload, event.source) == (123456789012345678901, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.sampled_from([b"data: x", b"\n", b"\r\n", b"\n\n", b"\r", b": c", b"y"]), max_size=30
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+)
+def test_splitter_fast_path_cuts_like_the_regex(pieces: list[bytes], cuts: list[int]) -> None:
+    """Whatever the chunking, the events are what one regex pass over the whole stream finds."""
+    stream = b"".join(pieces)
+    expected, start = [], 0
+    for match in re.finditer(rb"\r?\n\r?\n", stream):
+        expected.append(stream[start : match.end()])
+        start = match.end()
+    splitter = SSESplitter()
+    got: list[bytes] = []
+    previous = 0
+    for cut in [*sorted(c for c in cuts if c < len(stream)), len(stream)]:
+        got += splitter.feed(stream[previous:cut])
+        previous = cut
+    assert got == expected
+    assert splitter.pending == stream[start:]
