@@ -77,14 +77,15 @@ TARGETS = ("direct", "nginx", "gateway")
 PROXIES = ("nginx", "gateway")
 INTERVAL_HEADER = b"x-bench-interval:"
 MIB = 1024.0
-# Issue #7's targets for the gateway (with access logging and metrics on).
+# Issue #7's targets for the gateway (with access logging and metrics on): at most, except
+# the --workers 2 scaling, at least.
 GOALS = {
     "cpu_us_request": 150.0,
     "cpu_us_stream": 250.0,
-    "added_p50_ms": 0.35,
+    "added_p50_ms": 0.35,  # c=1
     "added_p99_ms": 1.0,
-    "hold_rss_mib": 150.0,
-    "workers_scaling": 1.7,
+    "hold_rss_mb": 150.0,  # MB, as the issue writes it; the table prints MiB
+    "scaling": 1.7,
 }
 
 
@@ -790,6 +791,17 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
+def goal(key: str, value: float) -> str:
+    """The issue's goal for `key`, and whether the gateway's `value` meets it."""
+    if key not in GOALS:
+        return ""
+    target = GOALS[key]
+    at_least = key == "scaling"
+    met = value >= target if at_least else value <= target
+    mark = "-" if math.isnan(value) else ("met" if met else "NOT")
+    return f"{'>=' if at_least else '<='} {target:g} {mark}"
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     if value is None or math.isnan(value):
         return "-"
@@ -968,45 +980,47 @@ def measure_workers(
     bench: Bench, workdir: Path, backend_port: int, progress: Callable[[str], None]
 ) -> dict[str, Any]:
     """Throughput of `--workers 1` against `--workers 2`, neither pinned (wrk gets 2 threads),
-    alternated like the main targets. Each gateway runs only for its own measurements."""
+    alternated like the main targets."""
     args = bench.args
     all_cpus = os.sched_getaffinity(0) | (bench.client_cpus or set())
     os.sched_setaffinity(bench.backend_pid, all_cpus)
     keys = ("rps", "sps", "cpu_us_request", "cpu_us_stream", "busy_request", "busy_stream")
     rates: dict[int, dict[str, list[float]]] = {1: {k: [] for k in keys}, 2: {k: [] for k in keys}}
+    gateways: dict[int, Proxy] = {}
     try:
+        # Both run from the start (an idle gateway costs nothing measurable), so that each is
+        # started and warmed up once.
+        for workers in (1, 2):
+            name = f"gateway-w{workers}"
+            pid, port = start_gateway(
+                bench.procs, workdir, backend_port, workdir / f"{name}.log", None, workers, name
+            )
+            gateways[workers] = Proxy(name, port, pid, PUBLIC_MODEL, CLIENT_KEY, workdir)
+            check_target(gateways[workers], args.timeout)
+            for stream in (False, True):
+                bench.run_wrk(
+                    gateways[workers], stream=stream, connections=args.connections, seconds=1,
+                    threads=2, pinned=False,
+                )  # fmt: skip
         for rep, order in alternating(args.repeat, ("1", "2")):
-            for text in order:
-                workers = int(text)
-                progress(f"rep {rep + 1}/{args.repeat}: gateway --workers {workers}, unpinned")
-                name = f"gateway-w{workers}-r{rep}"
-                pid, port = start_gateway(
-                    bench.procs,
-                    workdir,
-                    backend_port,
-                    workdir / f"{name}.log",
-                    None,
-                    workers=workers,
-                    name=name,
-                )
-                proxy = Proxy(name, port, pid, PUBLIC_MODEL, CLIENT_KEY, workdir)
-                try:
-                    check_target(proxy, args.timeout)
-                    for stream, key, kind in ((False, "rps", "request"), (True, "sps", "stream")):
-                        bench.run_wrk(
-                            proxy, stream=stream, connections=args.connections, seconds=1,
-                            threads=2, pinned=False,
-                        )  # fmt: skip
-                        run = bench.run_wrk(
-                            proxy, stream=stream, connections=args.connections,
-                            seconds=args.duration, threads=2, pinned=False,
-                        )  # fmt: skip
-                        rates[workers][key].append(run.rate)
-                        rates[workers][f"cpu_us_{kind}"].append(run.proxy_us())
-                        rates[workers][f"busy_{kind}"].append(run.proxy_cpu_s / run.seconds)
-                finally:
-                    bench.procs.stop_tree(pid)
+            for stream, key, kind in ((False, "rps", "request"), (True, "sps", "stream")):
+                for text in order:
+                    workers = int(text)
+                    progress(
+                        f"rep {rep + 1}/{args.repeat}: gateway --workers {workers}, unpinned, "
+                        f"{kind}s c={args.connections}"
+                    )
+                    run = bench.run_wrk(
+                        gateways[workers], stream=stream, connections=args.connections,
+                        seconds=args.duration, threads=2, pinned=False,
+                    )  # fmt: skip
+                    rates[workers][key].append(run.rate)
+                    rates[workers][f"cpu_us_{kind}"].append(run.proxy_us())
+                    rates[workers][f"busy_{kind}"].append(run.proxy_cpu_s / run.seconds)
     finally:
+        for proxy in gateways.values():
+            assert proxy.pid is not None
+            bench.procs.stop_tree(proxy.pid)
         if bench.client_cpus:
             os.sched_setaffinity(bench.backend_pid, bench.client_cpus)
     return {
@@ -1167,18 +1181,18 @@ def print_report(results: dict[str, Any]) -> None:
     print("  other work on the machine moves the absolute figures: compare the ratios")
     print()
     head = f"  {'':42}{'direct':>10}{'nginx':>10}{'gateway':>10}{'gw/nginx':>10}{'gw/direct':>10}"
-    print(head + f"{'#7 goal':>10}")
-    goals = {"cpu_us_request": "<= 150", "cpu_us_stream": "<= 250"}
+    print(head + f"  {'#7 goal (gateway)'}")
     for key, label, digits in ROWS:
         row = table[key]
         cells = "".join(f"{fmt(row[name], digits):>10}" for name in TARGETS)
         ratios = "".join(f"{fmt(row[f'gateway/{o}'], 2) + 'x':>10}" for o in ("nginx", "direct"))
         ratios = ratios.replace("       -x", "        -")
-        print(f"  {label.replace('c=C', 'c=' + conns):42}{cells}{ratios}{goals.get(key, ''):>10}")
-    added_goals = {"p50_ms": "<= 0.35", "p99_ms": "<= 1"}
+        print(
+            f"  {label.replace('c=C', 'c=' + conns):42}{cells}{ratios}  {goal(key, row['gateway'])}"
+        )
     for key, label, _ in ADDED:
         cells = f"{'':>10}" + "".join(f"{fmt(added[key][name], 3):>10}" for name in PROXIES)
-        cells += f"{'':>10}" + f"{'':>10}" + f"{added_goals.get(key, ''):>10}"
+        cells += f"{'':>10}{'':>10}  {goal('added_' + key, added[key]['gateway'])}"
         print(f"  {label:42}{cells}")
     holds = summary["holds"]
     if holds:
@@ -1204,10 +1218,19 @@ def print_report(results: dict[str, Any]) -> None:
         line("CPU per held stream (µs)", "cpu_us_per_held_stream", 0)
         for name in PROXIES:
             if name in holds:
-                after = ", ".join(f"{v:.1f}" for v in holds[name]["rss_after_mib"])
+                after = holds[name]["rss_after_mib"]
                 done = "/".join(str(c) for c in holds[name]["completed"])
-                print(f"  {name} 2 s after each hold ended: {after}  (completed {done})")
-        print(f"  #7 goal for the gateway: <= 150 MB with {streams} held, no growth after")
+                print(
+                    f"  {name} 2 s after each hold ended: {', '.join(f'{v:.1f}' for v in after)}"
+                    f" (growth {after[-1] - after[0]:+.1f} from first to last;"
+                    f" completed {done})"
+                )
+        if "gateway" in holds:
+            held_mb = holds["gateway"]["rss_all_open_mib"] * 1.048576
+            print(
+                f"  #7 goal (gateway): <= 150 MB with 2000 held, no growth after; "
+                f"{held_mb:.0f} MB with {streams} held: {goal('hold_rss_mb', held_mb)}"
+            )
     workers = results.get("workers")
     print()
     if workers is None:
@@ -1217,7 +1240,7 @@ def print_report(results: dict[str, Any]) -> None:
             "  gateway --workers 1 vs --workers 2, nothing pinned: gateway, backend and wrk -t2 "
             "share all the cores"
         )
-        print(f"  {'':42}{'1 worker':>10}{'2 workers':>10}{'2w/1w':>10}{'#7 goal':>10}")
+        print(f"  {'':42}{'1 worker':>10}{'2 workers':>10}{'2w/1w':>10}  #7 goal")
         for key, label, digits in (
             ("rps", f"requests/s, c={conns}", 0),
             ("sps", f"streams/s, c={conns}", 0),
@@ -1228,10 +1251,10 @@ def print_report(results: dict[str, Any]) -> None:
         ):
             one, two = workers[key][1], workers[key][2]
             scaling = workers.get(f"{key}_scaling", ratio(two, one))
-            goal = ">= 1.7" if key in ("rps", "sps") else ""
+            verdict = goal("scaling", scaling) if key in ("rps", "sps") else ""
             print(
                 f"  {label:42}{fmt(one, digits):>10}{fmt(two, digits):>10}"
-                f"{fmt(scaling, 2) + 'x':>10}{goal:>10}"
+                f"{fmt(scaling, 2) + 'x':>10}  {verdict}"
             )
     errors = results["errors"]
     print()
