@@ -217,7 +217,10 @@ class Failover:
     def _choose(self, tried: set[str]) -> Target | None:
         """The policy's best backend that can take a request now, untried ones first."""
         now = time.monotonic()
-        ordered = self.policies.for_route(self.route).order(self.route.targets, self.backends)
+        targets = self.route.targets
+        if len(targets) == 1:  # nothing to order (a policy's order of one is that one)
+            return targets[0] if self.backends.can_take(targets[0], now) else None
+        ordered = self.policies.for_route(self.route).order(targets, self.backends)
         ready = [t for t in ordered if self.backends.can_take(t, now)]
         fresh = [t for t in ready if t.key not in tried]
         return (fresh or ready or [None])[0]

@@ -45,10 +45,16 @@ class Target:
     # Identity of the server for health and load state, shared by every route using it and
     # kept across reloads. Computed once: selection and accounting look it up per request.
     key: str = field(init=False, compare=False, repr=False)
+    # What `own_headers` returns, as pairs, and the URLs of the paths asked for most: both
+    # are needed on every request, and neither changes while the target lives.
+    own_header_items: tuple[tuple[str, str], ...] = field(init=False, compare=False, repr=False)
+    urls: dict[str, URL] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         secret = hashlib.sha256((self.api_key or "").encode()).hexdigest()[:8]
         object.__setattr__(self, "key", f"{self.base_url.with_password(None)}#{secret}")
+        object.__setattr__(self, "own_header_items", tuple(self.own_headers().items()))
+        object.__setattr__(self, "urls", {})
 
     @property
     def label(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -84,25 +85,39 @@ def _connection_listed(headers: Mapping[str, str]) -> set[str]:
     return {name.strip().lower() for name in listed.split(",") if name.strip()}
 
 
+def _dropped(headers: Mapping[str, str], always: frozenset[str]) -> frozenset[str]:
+    listed = _connection_listed(headers) if "connection" in headers else None
+    return always | listed if listed else always
+
+
 def forward_headers(client: CIMultiDictProxy[str], hop: Hop, request_id: str) -> CIMultiDict[str]:
-    dropped = _NOT_FORWARDED_TO_BACKEND | _connection_listed(client)
-    headers = CIMultiDict((k, v) for k, v in client.items() if k.lower() not in dropped)
-    headers.update(hop.target.own_headers())
+    dropped = _dropped(client, _NOT_FORWARDED_TO_BACKEND)
+    headers = CIMultiDict([(k, v) for k, v in client.items() if k.lower() not in dropped])
+    headers.update(hop.target.own_header_items)
     headers["X-Request-ID"] = request_id
     return headers
 
 
 def returned_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    dropped = _NOT_RETURNED_TO_CLIENT | _connection_listed(upstream)
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in dropped)
+    dropped = _dropped(upstream, _NOT_RETURNED_TO_CLIENT)
+    return CIMultiDict([(k, v) for k, v in upstream.items() if k.lower() not in dropped])
+
+
+# A target remembers the URLs of this many paths (the API's routes, in practice).
+_URLS_PER_TARGET = 32
 
 
 def upstream_url(hop: Hop, raw_tail: str, raw_query: str) -> URL:
     """The backend URL for a client path below `/v1`, already checked by `checked_tail`."""
-    url = f"{hop.base_url}/{raw_tail}"
-    if raw_query:
-        url = f"{url}?{raw_query}"
-    return URL(url, encoded=True)
+    if not raw_query:
+        urls = hop.target.urls
+        url = urls.get(raw_tail)
+        if url is None:
+            url = URL(f"{hop.base_url}/{raw_tail}", encoded=True)
+            if len(urls) < _URLS_PER_TARGET:
+                urls[raw_tail] = url
+        return url
+    return URL(f"{hop.base_url}/{raw_tail}?{raw_query}", encoded=True)
 
 
 @dataclass(slots=True)
@@ -124,6 +139,12 @@ class Deadline:
         return max(0.0, total if step is None else min(step, total))
 
 
+@functools.lru_cache(maxsize=64)
+def _connect_timeout(connect: float | None) -> aiohttp.ClientTimeout:
+    """The client timeout for a connect limit (an immutable value, made once per limit)."""
+    return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect)
+
+
 async def send(
     session: aiohttp.ClientSession,
     hop: Hop,
@@ -136,9 +157,7 @@ async def send(
     """Send the request and wait for the backend's status line and headers."""
     timeouts = hop.timeouts
     first_byte = deadline.limit(timeouts.first_byte)
-    client_timeout = aiohttp.ClientTimeout(
-        total=None, connect=timeouts.connect, sock_connect=timeouts.connect
-    )
+    client_timeout = _connect_timeout(timeouts.connect)
     try:
         async with asyncio.timeout(first_byte):
             return await session.request(
