@@ -7,13 +7,21 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.failover import Sent, is_event_stream, is_json_like
 from gateway.observe import RequestRecord
 from gateway.redact import Redactor
-from gateway.rewrite import RewrittenEvent, dumps, rewrite_event, rewrite_json_body, usage_of
+from gateway.rewrite import (
+    RewrittenEvent,
+    dumps,
+    loads,
+    rewrite_event,
+    rewrite_json_body,
+    usage_of,
+)
 from gateway.routing import Hop
 from gateway.upstream import Deadline, UpstreamError, read_chunks, returned_headers
 from wire.errors import UPSTREAM_ERROR, error_payload
@@ -143,8 +151,41 @@ def _without_usage(rewritten: RewrittenEvent, public_id: str) -> bytes | None:
     usage-only chunk disappears, and a chunk that also carries choices loses its `usage`."""
     if not rewritten.payload.get("choices"):
         return None
+    kept = _cut_usage(rewritten)
+    if kept is not None:
+        return b"data: " + kept + b"\n\n"
     payload = rewritten.exact_payload(public_id)
     return b"data: " + dumps({k: v for k, v in payload.items() if k != "usage"}) + b"\n\n"
+
+
+def _cut_usage(rewritten: RewrittenEvent) -> bytes | None:
+    """The event's JSON without its top-level `usage` member, cut out of the bytes; None
+    unless the result reads as exactly the payload without `usage`."""
+    payload, data = rewritten.payload, rewritten.data
+    usage = payload.get("usage")
+    if not isinstance(usage, dict) or not data.startswith(b"data: ") or data.count(b"\n") != 2:
+        return None
+    text = data[6:-2]
+    try:
+        member = b'"usage":' + orjson.dumps(usage)  # as compact encoders (and orjson) write it
+    except TypeError:
+        return None
+    at = text.find(member)
+    if at == -1 or text.find(member, at + 1) != -1:
+        return None
+    before, after = text[:at].rstrip(), text[at + len(member) :].lstrip()
+    if before.endswith(b","):
+        kept = before[:-1] + after
+    elif after.startswith(b","):
+        kept = before + after[1:]
+    else:
+        return None
+    try:
+        if loads(kept) != {k: v for k, v in payload.items() if k != "usage"}:
+            return None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return kept
 
 
 async def _end_with_error(

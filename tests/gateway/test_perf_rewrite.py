@@ -13,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.handlers.openai import _Body
+from gateway.relay import _cut_usage, _without_usage
 from gateway.rewrite import (
     _rewrite_event_slowly,
     loads,
@@ -204,3 +205,37 @@ def test_splitter_fast_path_cuts_like_the_regex(pieces: list[bytes], cuts: list[
         previous = cut
     assert got == expected
     assert splitter.pending == stream[start:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    before=_documents,
+    after=_documents,
+    usage=st.dictionaries(st.sampled_from(["prompt_tokens", "completion_tokens", "x"]), _values),
+    choices=st.lists(_values, min_size=1, max_size=2),
+)
+def test_usage_cut_matches_a_parse(
+    data: Any, before: Any, after: Any, usage: Any, choices: Any
+) -> None:
+    """The usage chunk the client did not ask for loses `usage` exactly as re-encoding would."""
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, **usage}
+    document = {**before, "model": "real-model", "usage": usage, "choices": choices, **after}
+    if data.draw(st.booleans()):
+        document = {"usage": usage, **document}
+    raw = data.draw(_encoded(document))
+    rewritten = rewrite_event(b"data: " + raw + b"\n\n", "public")
+    out = _without_usage(rewritten, "public")
+    expected = _reference(raw, "public")
+    expected.pop("usage", None)
+    if not expected.get("choices"):
+        assert out is None
+        return
+    assert out is not None and out.startswith(b"data: ") and out.endswith(b"\n\n")
+    assert _same(json.loads(out[6:-2]), expected)
+
+
+def test_usage_cut_keeps_the_bytes() -> None:
+    raw = b'{"id":"c","model":"real","choices":[{"index":0}],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
+    out = _cut_usage(rewrite_event(b"data: " + raw + b"\n\n", "public"))
+    assert out == b'{"id":"c","model":"public","choices":[{"index":0}]}'
