@@ -1344,6 +1344,8 @@ def main(argv: list[str] | None = None) -> int:
         else "unpinned"
     )
     started = time.monotonic()
+    # At the start: others may commit to the same tree while the bench runs.
+    commit = _commit()
 
     def progress(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
@@ -1398,7 +1400,7 @@ def main(argv: list[str] | None = None) -> int:
         results["errors"] = dict(bench.errors.most_common())
         results["meta"] = {
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": _commit(),
+            "commit": commit,
             "cpus": len(cpus),
             "cpu": _cpu_model(),
             "placement": placement,
