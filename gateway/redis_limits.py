@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.access import Caller
 from gateway.limits import Standing, limited
@@ -111,8 +112,86 @@ return 1
 """
 
 
+# A script call waiting for its pipeline: (script name, keys, args, its answer).
+_Call = tuple[str, list[str], list[Any], "asyncio.Future[Any]"]
+
+
 class RedisUnavailable(Exception):
     """Redis did not answer; the caller decides between fail-open and 503."""
+
+
+class _Batcher:
+    """Script calls go to Redis as pipelines: the calls made while one pipeline is on its way
+    are sent together as the next one, in one write and one read (what ioredis calls
+    auto-pipelining). Under load most of the cost of a Redis call is that round trip, and one
+    pipeline at a time keeps to one connection however many requests wait; a lone call waits
+    one loop turn more."""
+
+    def __init__(self, client: aioredis.Redis, scripts: dict[str, str]) -> None:
+        self._client = client
+        self._scripts = scripts
+        self._sha = {
+            name: hashlib.sha1(body.encode()).hexdigest() for name, body in scripts.items()
+        }
+        self._queue: list[_Call] = []
+        self._sending: asyncio.Task[None] | None = None
+
+    def call(self, script: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((script, keys, args, future))
+        if len(self._queue) == 1 and self._sending is None:
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        if self._sending is not None or not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        self._sending = asyncio.create_task(self._send(batch))
+        self._sending.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending = None
+        self._flush()
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            results = await self._execute(batch)
+            # After a Redis restart its script cache is empty: load, and rerun only those.
+            missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if missing:
+                for body in self._scripts.values():
+                    await self._client.script_load(body)
+                rerun = await self._execute([batch[i] for i in missing])
+                for i, result in zip(missing, rerun, strict=True):
+                    results[i] = result
+        except RedisError as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in batch:
+                pipe.execute_command("EVALSHA", self._sha[script], len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
+
+    async def drain(self, within: float) -> None:
+        """Waits (up to `within` seconds) until every queued call has been answered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self._sending is not None and loop.time() < deadline:
+            await asyncio.wait([self._sending], timeout=deadline - loop.time())
+            await asyncio.sleep(0)  # the done callback sends what queued meanwhile
 
 
 class RedisWindows:
@@ -140,11 +219,10 @@ class RedisWindows:
             socket_connect_timeout=TIMEOUT,
             retry=Retry(NoBackoff(), 0),
         )
-        self._admit = self._client.register_script(_ADMIT)
-        self._release = self._client.register_script(_RELEASE)
-        self._renew = self._client.register_script(_RENEW)
+        self._scripts = _Batcher(
+            self._client, {"admit": _ADMIT, "release": _RELEASE, "renew": _RENEW}
+        )
         self._leases: dict[str, str] = {}  # lease id -> key name, renewed while in flight
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
 
@@ -167,8 +245,8 @@ class RedisWindows:
             self.lease_ttl,
         ]
         try:
-            refused, requests, tokens, busy, request_reset, token_reset = await self._admit(
-                keys=keys, args=args
+            refused, requests, tokens, busy, request_reset, token_reset = await self._scripts.call(
+                "admit", keys, args
             )
         except RedisError as exc:
             self._lost(exc)
@@ -193,12 +271,11 @@ class RedisWindows:
         self._leases.pop(lease, None)
         keys = [self._key(caller.name, part) for part in ("leases", "tokens", "usage")]
         args = [lease, prompt_tokens, completion_tokens, self.window, model]
-        self._spawn(self._send_release(keys, args))
+        self._scripts.call("release", keys, args).add_done_callback(self._released)
 
-    async def _send_release(self, keys: list[str], args: list[Any]) -> None:
-        try:
-            await self._release(keys=keys, args=args)
-        except RedisError as exc:
+    def _released(self, done: asyncio.Future[Any]) -> None:
+        exc = done.exception()
+        if isinstance(exc, RedisError):
             # The lease expires on its own; these tokens go uncounted, which fail-open accepts.
             self._lost(exc)
 
@@ -230,7 +307,7 @@ class RedisWindows:
             try:
                 for name, leases in by_name.items():
                     keys = [self._key(name, "leases")]
-                    await self._renew(keys=keys, args=[self.lease_ttl, *leases])
+                    await self._scripts.call("renew", keys, [self.lease_ttl, *leases])
             except RedisError as exc:
                 self._lost(exc)
 
@@ -255,16 +332,11 @@ class RedisWindows:
             log.info("redis reachable again")
             return
 
-    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(job)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def close(self) -> None:
         """Sends the releases still pending (briefly), then stops the background tasks."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2.0)
-        for task in (self._renewer, self._probe, *self._tasks):
+        await asyncio.sleep(0)  # lets calls queued in this turn go out
+        await self._scripts.drain(2.0)
+        for task in (self._renewer, self._probe):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

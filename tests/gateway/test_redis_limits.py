@@ -131,6 +131,28 @@ async def test_a_dead_processs_leases_expire_and_live_ones_are_renewed(redis_ser
         await live.close()
 
 
+async def test_a_burst_admits_exactly_the_limit(redis_server) -> None:
+    """300 admissions at once share pipelines and one connection, and the window counts each."""
+    alice = Caller("alice", ("*",), 50, None, 1000)
+    windows = [RedisWindows(redis_server.url, WINDOW) for _ in range(2)]  # two "processes"
+    try:
+        results = await asyncio.gather(*(windows[i % 2].admit(alice) for i in range(300)))
+        assert sum(not refused for _, _, refused, _ in results) == 50
+        assert sorted(s.requests for s, _, refused, _ in results if not refused) == list(
+            range(1, 51)
+        )
+        assert all(w.up for w in windows)
+        for _, _, refused, lease in results:
+            if not refused:
+                windows[0].release(alice, lease, "llama", 1, 1)
+        await asyncio.sleep(0.2)
+        _, busy, refused, _ = await windows[1].admit(alice)
+        assert (busy, refused) == (0, True), "every slot was released; the minute is spent"
+    finally:
+        for w in windows:
+            await w.close()
+
+
 async def test_redis_down_fails_open_to_local_limits_and_recovers(
     make_gateway, backend, http, tmp_path, capfd
 ) -> None:
