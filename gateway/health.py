@@ -44,14 +44,18 @@ async def run_health_checks(app: web.Application) -> None:
         await asyncio.sleep(TICK)
         now = time.monotonic()
         jobs = []
+        checked: set[str] = set()
         for route in app[STORE].current.routes.values():
             interval = route.health_check.interval
             if interval is None:
                 continue
             for target in route.targets:
+                checked.add(target.key)
                 if due.get(target.key, 0.0) <= now:
                     due[target.key] = now + interval
                     jobs.append(_check(app, route, target))
+        for gone in due.keys() - checked:  # removed by a reload, or its checks switched off
+            del due[gone]
         if jobs:
             await asyncio.gather(*jobs)
 
