@@ -1418,7 +1418,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.monotonic() - started, 1),
         }
         if args.json:
-            print(json.dumps(results, indent=2, default=str))
+            print(json.dumps(_no_nan(results), indent=2, default=str))
         else:
             print_report(results)
             print(f"\n  run time {results['meta']['seconds']:.0f} s")
@@ -1426,6 +1426,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN (a figure that does not apply, as direct's proxy CPU) as null: NaN is not JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def _commit() -> str:
