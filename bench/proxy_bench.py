@@ -3,7 +3,8 @@
 Run from the repository root, as root on Debian (it installs wrk and nginx when missing):
 
     .venv/bin/python bench/proxy_bench.py [--repeat 3] [--duration 5] [--streams 2000]
-                                          [--quick] [--json] [--profile PATH]
+                                          [--quick] [--no-bare] [--multiproc-cost]
+                                          [--json] [--profile PATH]
 
 One run starts, on loopback:
 
@@ -13,12 +14,16 @@ One run starts, on loopback:
   and `data: [DONE]`; with `X-Bench-Interval: S` one event every S seconds (held streams);
 - nginx as a plain reverse proxy (bench/nginx.conf: one worker, keep-alive upstream pool,
   proxy_buffering off, access log on);
+- bench/bare_proxy.py, the smallest aiohttp + uvloop reverse proxy (no auth, logs, metrics or
+  rewrite): the floor of any proxy written on aiohttp, the gateway's framework;
 - the gateway, `python -m gateway`, with JSON access logs at INFO and metrics, as deployed.
 
 The proxies are pinned to core 0; the backend, wrk and this script's own clients to core 1.
-Three targets: direct (wrk -> backend), nginx -> backend, gateway -> backend, measured in turn
-(A B C, then C B A, ...) for `--repeat` repetitions. It prints the medians, the ratios
-gateway/nginx and gateway/direct, and issue #7's targets beside the gateway's figures.
+Four targets: direct (wrk -> backend), nginx, bare and gateway (each -> backend), measured in
+turn (A B C D, then D C B A, ...) for `--repeat` repetitions. It prints the medians, the ratios
+gateway/bare, bare/nginx, gateway/nginx and gateway/direct, and issue #7's targets beside the
+gateway's figures. `--multiproc-cost` adds the gateway with and without
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's mmapped values, which `--workers N` switches on).
 It is a benchmark, run by hand, not a test. bench/README.md explains each figure and records
 a run.
 """
@@ -73,8 +78,11 @@ ROOT = BENCH.parent
 NGINX_TEMPLATE = BENCH / "nginx.conf"
 WRK_SCRIPT = BENCH / "wrk_post.lua"
 CLIENT_KEY = "sk-client-key-000000"
-TARGETS = ("direct", "nginx", "gateway")
-PROXIES = ("nginx", "gateway")
+BARE_PROXY = BENCH / "bare_proxy.py"
+TARGETS = ("direct", "nginx", "bare", "gateway")
+# Per-rep ratios printed beside the medians: numerator, denominator. gateway/bare is what the
+# gateway adds to aiohttp; bare/nginx is what aiohttp costs against nginx.
+RATIOS = (("gateway", "bare"), ("bare", "nginx"), ("gateway", "nginx"), ("gateway", "direct"))
 INTERVAL_HEADER = b"x-bench-interval:"
 MIB = 1024.0
 # Issue #7's targets for the gateway (with access logging and metrics on): at most, except
@@ -848,6 +856,7 @@ def start_gateway(
     cpus: Any,
     workers: int | None = None,
     name: str = "gateway",
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[int, int]:
     # A folder of its own: the gateway watches its config's folder.
     config_dir = workdir / f"{name}-config"
@@ -864,11 +873,27 @@ def start_gateway(
             "--port", str(port)]  # fmt: skip
     if workers is not None:
         argv += ["--workers", str(workers)]
+    env = gateway_environment()
+    # Set in the caller's shell, it would put every gateway in multiprocess mode (mmapped
+    # metric values): only --multiproc-cost's second gateway runs that way, by `extra_env`.
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update(extra_env or {})
     with log_path.open("ab") as log:
-        proc = procs.start(argv, env=gateway_environment(), stderr=log, cpus=cpus)
+        proc = procs.start(argv, env=env, stderr=log, cpus=cpus)
     wait_listening(proc, port, name, 30)
     if workers and workers > 1:
         wait_listeners(proc, port, workers, 30)
+    return proc.pid, port
+
+
+def start_bare(procs: Processes, workdir: Path, backend_port: int, cpus: Any) -> tuple[int, int]:
+    port = free_port()
+    argv = [sys.executable, str(BARE_PROXY), "--port", str(port),
+            "--backend", f"http://{HOST}:{backend_port}"]  # fmt: skip
+    # It logs nothing by design; stderr is kept for a traceback, should it die.
+    with (workdir / "bare.log").open("ab") as log:
+        proc = procs.start(argv, stderr=log, cpus=cpus)
+    wait_listening(proc, port, "bare proxy", 20)
     return proc.pid, port
 
 
@@ -916,16 +941,19 @@ def alternating(reps: int, items: tuple[str, ...]) -> Iterator[tuple[int, tuple[
 def measure(
     bench: Bench, proxies: dict[str, Proxy], progress: Callable[[str], None]
 ) -> dict[str, Any]:
+    """Every target in `proxies` (in TARGETS' order), alternated rep by rep."""
     args = bench.args
+    targets = tuple(proxies)
+    held = tuple(name for name in targets if name != "direct")
     per_rep: list[dict[str, dict[str, float]]] = []
-    holds: dict[str, list[HoldResult]] = {name: [] for name in PROXIES}
-    for name in TARGETS:
+    holds: dict[str, list[HoldResult]] = {name: [] for name in held}
+    for name in targets:
         check_target(proxies[name], args.timeout)
         # Warm-up: connection pools, first-request imports, the allocator's arenas.
         for stream in (False, True):
             bench.run_wrk(proxies[name], stream=stream, connections=args.connections, seconds=1)
-    for rep, order in alternating(args.repeat, TARGETS):
-        figures: dict[str, dict[str, float]] = {name: {} for name in TARGETS}
+    for rep, order in alternating(args.repeat, targets):
+        figures: dict[str, dict[str, float]] = {name: {} for name in targets}
         for name in order:
             progress(f"rep {rep + 1}/{args.repeat}: {name}, requests c={args.connections}")
             run = bench.run_wrk(
@@ -957,7 +985,7 @@ def measure(
             figures[name].update(p50_ms=run.p50_ms, p99_ms=run.p99_ms)
             figures[name].update(stream_latency(proxies[name], args.latency_duration, args.timeout))
         if args.streams:
-            for name in PROXIES if rep % 2 == 0 else tuple(reversed(PROXIES)):
+            for name in held if rep % 2 == 0 else tuple(reversed(held)):
                 progress(f"rep {rep + 1}/{args.repeat}: {name}, holding {args.streams} streams")
                 hold = run_async(
                     hold_streams(
@@ -973,7 +1001,7 @@ def measure(
                 bench.errors.update({f"{name} hold: {k}": v for k, v in hold.errors.items()})
                 holds[name].append(hold)
         per_rep.append(figures)
-    return {"per_rep": per_rep, "holds": holds}
+    return {"targets": targets, "per_rep": per_rep, "holds": holds}
 
 
 def measure_workers(
@@ -1032,6 +1060,72 @@ def measure_workers(
             for key in ("rps", "sps")
         },
         "raw": rates,
+    }
+
+
+MULTIPROC_KEYS = ("cpu_us_request", "cpu_us_stream", "rps", "sps")
+
+
+def measure_multiproc(
+    bench: Bench,
+    workdir: Path,
+    backend_port: int,
+    cpus: set[int] | None,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """One gateway process as usual against one with PROMETHEUS_MULTIPROC_DIR set (an empty
+    folder): prometheus_client then keeps every value in an mmapped file, as under
+    `--workers N`. Both pinned like the main targets and alternated, so that the difference is
+    the cost of that mode alone, without a second worker competing for the cores."""
+    args = bench.args
+    metrics_dir = workdir / "prometheus-multiproc"
+    metrics_dir.mkdir()
+    modes = {"single": None, "multiproc": {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}}
+    raw: dict[str, dict[str, list[float]]] = {m: {k: [] for k in MULTIPROC_KEYS} for m in modes}
+    gateways: dict[str, Proxy] = {}
+    try:
+        for mode, extra_env in modes.items():
+            name = f"gateway-{mode}"
+            pid, port = start_gateway(
+                bench.procs, workdir, backend_port, workdir / f"{name}.log", cpus,
+                name=name, extra_env=extra_env,
+            )  # fmt: skip
+            gateways[mode] = Proxy(name, port, pid, PUBLIC_MODEL, CLIENT_KEY, workdir)
+            check_target(gateways[mode], args.timeout)
+            for stream in (False, True):
+                bench.run_wrk(
+                    gateways[mode], stream=stream, connections=args.connections, seconds=1
+                )
+        for rep, order in alternating(args.repeat, tuple(modes)):
+            for stream, kind, rate in ((False, "request", "rps"), (True, "stream", "sps")):
+                for mode in order:
+                    progress(
+                        f"rep {rep + 1}/{args.repeat}: gateway, metrics {mode}, "
+                        f"{kind}s c={args.connections}"
+                    )
+                    run = bench.run_wrk(
+                        gateways[mode], stream=stream, connections=args.connections,
+                        seconds=args.duration,
+                    )  # fmt: skip
+                    raw[mode][f"cpu_us_{kind}"].append(run.proxy_us())
+                    raw[mode][rate].append(run.rate)
+    finally:
+        for proxy in gateways.values():
+            assert proxy.pid is not None
+            bench.procs.stop_tree(proxy.pid)
+    return {
+        **{key: {mode: median(raw[mode][key]) for mode in modes} for key in MULTIPROC_KEYS},
+        **{
+            f"{key}_ratio": median(
+                [
+                    ratio(mp, sp)
+                    for sp, mp in zip(raw["single"][key], raw["multiproc"][key], strict=True)
+                ]
+            )
+            for key in MULTIPROC_KEYS
+        },
+        "files": sorted(path.name for path in metrics_dir.iterdir()),
+        "raw": raw,
     }
 
 
@@ -1128,20 +1222,22 @@ ADDED = (
 def summarize(measured: dict[str, Any]) -> dict[str, Any]:
     """Medians per target; ratios and added latency per rep first (a rep's targets ran back to
     back, so they saw the same neighbours), then their median."""
-    per_rep = measured["per_rep"]
+    per_rep, targets = measured["per_rep"], measured["targets"]
     table: dict[str, dict[str, float]] = {}
     for key, _, _ in ROWS:
-        row = {name: median([rep[name][key] for rep in per_rep]) for name in TARGETS}
-        for other in ("nginx", "direct"):
-            row[f"gateway/{other}"] = median(
-                [ratio(rep["gateway"][key], rep[other][key]) for rep in per_rep]
-            )
+        row = {name: median([rep[name][key] for rep in per_rep]) for name in targets}
+        for top, bottom in RATIOS:
+            if top in targets and bottom in targets:
+                row[f"{top}/{bottom}"] = median(
+                    [ratio(rep[top][key], rep[bottom][key]) for rep in per_rep]
+                )
         table[key] = row
     added: dict[str, dict[str, float]] = {}
     for key, _, _ in ADDED:
         added[key] = {
             name: median([rep[name][key] - rep["direct"][key] for rep in per_rep])
-            for name in PROXIES
+            for name in targets
+            if name != "direct"
         }
     holds: dict[str, dict[str, Any]] = {}
     for name, runs in measured["holds"].items():
@@ -1166,6 +1262,9 @@ def summarize(measured: dict[str, Any]) -> dict[str, Any]:
 def print_report(results: dict[str, Any]) -> None:
     meta, summary = results["meta"], results["summary"]
     table, added = summary["table"], summary["added"]
+    targets = meta["targets"]
+    held = [name for name in targets if name != "direct"]
+    ratios = [f"{t}/{b}" for t, b in RATIOS if t in targets and b in targets]
     conns = str(meta["connections"])
     print()
     print(
@@ -1173,27 +1272,29 @@ def print_report(results: dict[str, Any]) -> None:
     )
     print(f"  {meta['placement']}")
     print(
-        f"  {meta['repeat']} reps (targets alternated: A B C, C B A, ...), "
+        f"  {meta['repeat']} reps (targets alternated: A B C D, D C B A, ...), "
         f"wrk {meta['duration']} s per run at c={conns}, {meta['latency_duration']} s at c=1; "
         "medians of the reps"
     )
     print(f"  {meta['wrk']}; {meta['nginx']} (access log {meta['nginx_access_log']})")
     print("  other work on the machine moves the absolute figures: compare the ratios")
+    if "bare" in targets:
+        print("  bare: bench/bare_proxy.py, aiohttp + uvloop with nothing else (issue #7's floor)")
     print()
-    head = f"  {'':42}{'direct':>10}{'nginx':>10}{'gateway':>10}{'gw/nginx':>10}{'gw/direct':>10}"
-    print(head + f"  {'#7 goal (gateway)'}")
+    head = "".join(f"{name:>10}" for name in targets)
+    head += "".join(f"{name.replace('gateway', 'gw'):>11}" for name in ratios)
+    print(f"  {'':42}{head}  #7 goal (gateway)")
     for key, label, digits in ROWS:
         row = table[key]
-        cells = "".join(f"{fmt(row[name], digits):>10}" for name in TARGETS)
-        ratios = "".join(f"{fmt(row[f'gateway/{o}'], 2) + 'x':>10}" for o in ("nginx", "direct"))
-        ratios = ratios.replace("       -x", "        -")
-        print(
-            f"  {label.replace('c=C', 'c=' + conns):42}{cells}{ratios}  {goal(key, row['gateway'])}"
-        )
+        cells = "".join(f"{fmt(row[name], digits):>10}" for name in targets)
+        for name in ratios:
+            value = fmt(row[name], 2)
+            cells += f"{value + ('x' if value != '-' else ''):>11}"
+        print(f"  {label.replace('c=C', 'c=' + conns):42}{cells}  {goal(key, row['gateway'])}")
     for key, label, _ in ADDED:
-        cells = f"{'':>10}" + "".join(f"{fmt(added[key][name], 3):>10}" for name in PROXIES)
-        cells += f"{'':>10}{'':>10}  {goal('added_' + key, added[key]['gateway'])}"
-        print(f"  {label:42}{cells}")
+        cells = f"{'':>10}" + "".join(f"{fmt(added[key][name], 3):>10}" for name in held)
+        cells += " " * 11 * len(ratios)
+        print(f"  {label:42}{cells}  {goal('added_' + key, added[key]['gateway'])}")
     holds = summary["holds"]
     if holds:
         print()
@@ -1203,10 +1304,10 @@ def print_report(results: dict[str, Any]) -> None:
             f"{meta['hold_seconds']} s once all are open, then ended by the backend; "
             "RSS of the proxy's processes (MiB)"
         )
-        print(f"  {'':42}{'':10}{'nginx':>10}{'gateway':>10}")
+        print(f"  {'':42}{'':10}" + "".join(f"{name:>10}" for name in held))
 
         def line(label: str, key: str, digits: int = 1) -> None:
-            cells = "".join(f"{fmt(holds.get(n, {}).get(key), digits):>10}" for n in PROXIES)
+            cells = "".join(f"{fmt(holds.get(n, {}).get(key), digits):>10}" for n in held)
             print(f"  {label:42}{'':10}{cells}")
 
         line("before the first hold", "rss_before_first_mib")
@@ -1216,7 +1317,7 @@ def print_report(results: dict[str, Any]) -> None:
         line("most open at once", "peak_open", 0)
         line("all open after (s)", "all_open_after_s", 2)
         line("CPU per held stream (µs)", "cpu_us_per_held_stream", 0)
-        for name in PROXIES:
+        for name in held:
             if name in holds:
                 after = holds[name]["rss_after_mib"]
                 done = "/".join(str(c) for c in holds[name]["completed"])
@@ -1256,6 +1357,26 @@ def print_report(results: dict[str, Any]) -> None:
                 f"  {label:42}{fmt(one, digits):>10}{fmt(two, digits):>10}"
                 f"{fmt(scaling, 2) + 'x':>10}  {verdict}"
             )
+    multiproc = results.get("multiproc")
+    if multiproc is not None:
+        print()
+        print(
+            "  one gateway process, prometheus_client as usual vs PROMETHEUS_MULTIPROC_DIR set "
+            "(mmapped values, as --workers N); pinned as above"
+        )
+        print(f"  {'':42}{'single':>10}{'multiproc':>10}{'mp/single':>10}")
+        for key, label, digits in (
+            ("cpu_us_request", "gateway CPU per request (µs)", 0),
+            ("cpu_us_stream", "gateway CPU per 20-event stream (µs)", 0),
+            ("rps", f"requests/s, c={conns}", 0),
+            ("sps", f"streams/s, c={conns}", 0),
+        ):
+            row = multiproc[key]
+            print(
+                f"  {label:42}{fmt(row['single'], digits):>10}{fmt(row['multiproc'], digits):>10}"
+                f"{fmt(multiproc[key + '_ratio'], 2) + 'x':>10}"
+            )
+        print(f"  multiprocess files written: {len(multiproc['files'])}")
     errors = results["errors"]
     print()
     print(f"  errors: {sum(errors.values()) or 'none'}")
@@ -1294,6 +1415,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 rep, 2 s runs, 500 streams")
     parser.add_argument("--no-pin", action="store_true", help="pin nothing")
     parser.add_argument("--no-workers", action="store_true", help="skip --workers 1 vs 2")
+    parser.add_argument("--no-bare", action="store_true", help="skip bench/bare_proxy.py")
+    parser.add_argument(
+        "--multiproc-cost",
+        action="store_true",
+        help="also measure the gateway with PROMETHEUS_MULTIPROC_DIR set against without",
+    )
     parser.add_argument(
         "--nginx-access-log",
         choices=("on", "off"),
@@ -1374,10 +1501,16 @@ def main(argv: list[str] | None = None) -> int:
         proxies = {
             "direct": Proxy("direct", backend_port, None, UPSTREAM_MODEL, BACKEND_KEY, workdir),
             "nginx": Proxy("nginx", nginx_port, nginx_pid, UPSTREAM_MODEL, BACKEND_KEY, workdir),
-            "gateway": Proxy(
-                "gateway", gateway_port, gateway_pid, PUBLIC_MODEL, CLIENT_KEY, workdir
-            ),
         }
+        if not args.no_bare:
+            # It passes the model through, as nginx does: the client asks for the backend's.
+            bare_pid, bare_port = start_bare(procs, workdir, backend_port, proxy_cpus)
+            proxies["bare"] = Proxy(
+                "bare", bare_port, bare_pid, UPSTREAM_MODEL, BACKEND_KEY, workdir
+            )
+        proxies["gateway"] = Proxy(
+            "gateway", gateway_port, gateway_pid, PUBLIC_MODEL, CLIENT_KEY, workdir
+        )
         measured = measure(bench, proxies, progress)
         results: dict[str, Any] = {"summary": summarize(measured)}
         results["per_rep"] = measured["per_rep"]
@@ -1393,6 +1526,10 @@ def main(argv: list[str] | None = None) -> int:
             note = "skipped: this gateway's CLI has no --workers option (python -m gateway --help)"
         else:
             results["workers"] = measure_workers(bench, workdir, backend_port, progress)
+        if args.multiproc_cost:
+            results["multiproc"] = measure_multiproc(
+                bench, workdir, backend_port, proxy_cpus, progress
+            )
         if args.profile:
             results["profile"] = profile_gateway(
                 bench, proxies["gateway"], Path(args.profile).resolve(), progress
@@ -1404,6 +1541,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": len(cpus),
             "cpu": _cpu_model(),
             "placement": placement,
+            "targets": measured["targets"],
             "python": platform.python_version(),
             "wrk": _version([wrk, "-v"]),
             "nginx": _version([nginx, "-v"]),
