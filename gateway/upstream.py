@@ -6,7 +6,6 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -120,23 +119,106 @@ def upstream_url(hop: Hop, raw_tail: str, raw_query: str) -> URL:
     return URL(f"{hop.base_url}/{raw_tail}?{raw_query}", encoded=True)
 
 
-@dataclass(slots=True)
 class Deadline:
-    """The per-request clock: idle gaps between reads, and an optional total budget."""
+    """The per-request clock: idle gaps between reads, and an optional total budget.
 
-    timeouts: Timeouts
-    started: float
+    One watchdog per request enforces them, instead of an `asyncio.timeout()` per read: each
+    guarded wait only moves the expiry (`_when`), and the one timer handle, when it fires
+    early, re-arms itself at the current expiry. A timer-heap insert and removal per read,
+    and the context manager around it, were a tenth of the gateway's CPU per request."""
+
+    __slots__ = (
+        "_cancelling",
+        "_ends",
+        "_expired",
+        "_handle",
+        "_handle_at",
+        "_task",
+        "_when",
+        "started",
+        "timeouts",
+    )
+
+    def __init__(self, timeouts: Timeouts, started: float) -> None:
+        self.timeouts = timeouts
+        self.started = started
+        self._ends = None if timeouts.total is None else started + timeouts.total
+        self._when: float | None = None  # the guarded wait's expiry; None between waits
+        self._handle: asyncio.TimerHandle | None = None
+        self._handle_at = 0.0
+        self._task: asyncio.Task[object] | None = None
+        self._cancelling = 0
+        self._expired = False
 
     def remaining_total(self) -> float | None:
-        if self.timeouts.total is None:
+        if self._ends is None:
             return None
-        return self.timeouts.total - (time.monotonic() - self.started)
+        return self._ends - time.monotonic()
 
     def limit(self, step: float | None) -> float | None:
         total = self.remaining_total()
         if total is None:
             return step
         return max(0.0, total if step is None else min(step, total))
+
+    def arm(self, step: float | None) -> bool:
+        """Guard the wait that follows for `step` seconds (and the total budget); False if
+        neither applies. `disarm` must follow, whatever the wait's outcome."""
+        ends = self._ends
+        if step is None and ends is None:
+            return False
+        now = time.monotonic()
+        when = now + step if step is not None else ends
+        if ends is not None and ends < when:  # type: ignore[operator]
+            when = ends
+        self._when = when
+        task = self._task
+        if task is None:
+            task = self._task = asyncio.current_task()
+        assert task is not None
+        self._cancelling = task.cancelling()
+        handle = self._handle
+        if handle is None or self._handle_at > when:  # type: ignore[operator]
+            if handle is not None:
+                handle.cancel()
+            self._handle_at = when
+            self._handle = asyncio.get_running_loop().call_later(when - now, self._fire)  # type: ignore[operator]
+        return True
+
+    def disarm(self) -> None:
+        self._when = None
+
+    def _fire(self) -> None:
+        when = self._when
+        if when is None:  # between waits: the next one arms a handle again
+            self._handle = None
+            return
+        now = time.monotonic()
+        if now < when:  # the expiry moved on since this handle was set
+            self._handle_at = when
+            self._handle = asyncio.get_running_loop().call_later(when - now, self._fire)
+            return
+        self._handle = None
+        self._when = None
+        self._expired = True
+        assert self._task is not None
+        self._task.cancel()
+
+    def timed_out(self) -> bool:
+        """After a CancelledError in a guarded wait: True if it was this watchdog's doing
+        (and not also the client going away), as `asyncio.timeout` decides it."""
+        if not self._expired:
+            return False
+        self._expired = False
+        assert self._task is not None
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        """The request is over: drop the timer."""
+        self._when = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,16 +240,24 @@ async def send(
     timeouts = hop.timeouts
     first_byte = deadline.limit(timeouts.first_byte)
     client_timeout = _connect_timeout(timeouts.connect)
+    guarded = deadline.arm(timeouts.first_byte)
     try:
-        async with asyncio.timeout(first_byte):
-            return await session.request(
-                method,
-                url,
-                data=body if body else None,
-                headers=headers,
-                timeout=client_timeout,
-                allow_redirects=False,
-            )
+        return await session.request(
+            method,
+            url,
+            data=body if body else None,
+            headers=headers,
+            timeout=client_timeout,
+            allow_redirects=False,
+        )
+    except asyncio.CancelledError:
+        if guarded and deadline.timed_out():
+            raise UpstreamError(
+                "timeout_first_byte",
+                504,
+                f"backend for model '{hop.public_id}' sent no response within {first_byte:g} s",
+            ) from None
+        raise
     # Before TimeoutError: aiohttp's connect timeout is a subclass of it.
     except aiohttp.ConnectionTimeoutError:
         raise UpstreamError(
@@ -198,6 +288,9 @@ async def send(
             f"backend for model '{hop.public_id}' ({hop.backend}) failed before "
             f"responding: {exc.__class__.__name__}",
         ) from None
+    finally:
+        if guarded:
+            deadline.disarm()
 
 
 async def read_chunks(
@@ -205,11 +298,14 @@ async def read_chunks(
 ) -> AsyncIterator[bytes]:
     """The body as it arrives, failing with UpstreamError on idle gaps, total time or death."""
     idle = hop.timeouts.idle
+    content = response.content
     while True:
+        guarded = deadline.arm(idle)
         try:
-            async with asyncio.timeout(deadline.limit(idle)):
-                chunk = await response.content.readany()
-        except TimeoutError:
+            chunk = await content.readany()
+        except asyncio.CancelledError:
+            if not (guarded and deadline.timed_out()):
+                raise
             total = deadline.remaining_total()
             if total is not None and total <= 0:
                 raise UpstreamError(
@@ -230,6 +326,9 @@ async def read_chunks(
                 f"backend for model '{hop.public_id}' ({hop.backend}) closed the connection "
                 f"before the response was complete ({exc.__class__.__name__})",
             ) from None
+        finally:
+            if guarded:
+                deadline.disarm()
         if not chunk:
             return
         yield chunk

@@ -292,9 +292,11 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         else request.app[METRICS].in_flight.labels(route.public_id)
     )
     in_flight.inc()
+    deadline = Deadline(route.timeouts, record.started)
     try:
-        return await _forward(request, route, body, tail)
+        return await _forward(request, route, body, tail, deadline)
     finally:
+        deadline.close()  # its timer, if any, goes with the request
         in_flight.dec()
         if admission is not None:
             limiter.release(
@@ -303,11 +305,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _forward(
-    request: web.Request, route: Route, body: _Body, tail: str
+    request: web.Request, route: Route, body: _Body, tail: str, deadline: Deadline
 ) -> web.StreamResponse:
     record = record_of(request)
     app = request.app
-    deadline = Deadline(route.timeouts, record.started)
     failover = Failover(
         app[SESSION], app[BACKENDS], app[POLICIES], route, body.model, record, deadline
     )
