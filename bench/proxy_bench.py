@@ -1265,6 +1265,7 @@ def print_report(results: dict[str, Any]) -> None:
     targets = meta["targets"]
     held = [name for name in targets if name != "direct"]
     ratios = [f"{t}/{b}" for t, b in RATIOS if t in targets and b in targets]
+    order = " ".join("ABCD"[: len(targets)])
     conns = str(meta["connections"])
     print()
     print(
@@ -1272,7 +1273,7 @@ def print_report(results: dict[str, Any]) -> None:
     )
     print(f"  {meta['placement']}")
     print(
-        f"  {meta['repeat']} reps (targets alternated: A B C D, D C B A, ...), "
+        f"  {meta['repeat']} reps (targets alternated: {order}, {order[::-1]}, ...), "
         f"wrk {meta['duration']} s per run at c={conns}, {meta['latency_duration']} s at c=1; "
         "medians of the reps"
     )
@@ -1290,11 +1291,13 @@ def print_report(results: dict[str, Any]) -> None:
         for name in ratios:
             value = fmt(row[name], 2)
             cells += f"{value + ('x' if value != '-' else ''):>11}"
-        print(f"  {label.replace('c=C', 'c=' + conns):42}{cells}  {goal(key, row['gateway'])}")
+        label = label.replace("c=C", "c=" + conns)
+        # rstrip: rows without a goal would end in spaces, which pasted tables keep.
+        print(f"  {label:42}{cells}  {goal(key, row['gateway'])}".rstrip())
     for key, label, _ in ADDED:
         cells = f"{'':>10}" + "".join(f"{fmt(added[key][name], 3):>10}" for name in held)
         cells += " " * 11 * len(ratios)
-        print(f"  {label:42}{cells}  {goal('added_' + key, added[key]['gateway'])}")
+        print(f"  {label:42}{cells}  {goal('added_' + key, added[key]['gateway'])}".rstrip())
     holds = summary["holds"]
     if holds:
         print()
