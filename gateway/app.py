@@ -12,14 +12,13 @@ from yarl import URL
 
 from gateway.backends import Backends
 from gateway.catalog import Catalog
-from gateway.cors import add_cors_headers, cors_middleware
 from gateway.discovery import run_discovery
 from gateway.handlers import admin, openai
 from gateway.health import run_health_checks
 from gateway.limiter import Limits
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics
-from gateway.observe import access_middleware, add_request_id
+from gateway.observe import access_middleware, add_response_headers
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore, ReloadOutcome, run_watcher
 from gateway.routing import Snapshot
@@ -39,7 +38,6 @@ from gateway.state import (
 )
 from gateway.upstream import make_session
 from gateway.usagelog import UsageLog
-from wire.errors import error_middleware
 
 
 def build_app(
@@ -81,9 +79,8 @@ def build_app(
 
     app = web.Application(
         middlewares=[
+            # Request id, CORS, error envelope, access line and metrics, in one layer.
             access_middleware(metrics, usage_log, lambda: store.current.config.usage_log),
-            cors_middleware,
-            error_middleware,
         ],
         # The proxy reads bodies itself against the config's maxRequestBytes.
         client_max_size=2**63,
@@ -97,8 +94,7 @@ def build_app(
     app[DRAINING] = asyncio.Event()
     app[CATALOG] = Catalog()
     app[LIMITER] = limits
-    app.on_response_prepare.append(add_request_id)
-    app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(add_response_headers)
     app.on_cleanup.append(lambda _: _close(usage_log))
     app.on_cleanup.append(lambda _: limits.close())
     app.cleanup_ctx.append(_client_session)

@@ -1,4 +1,5 @@
-"""CORS for browser clients: off unless origins are allowed (ALLOW_ORIGINS or `allowOrigins`)."""
+"""CORS for browser clients: off unless origins are allowed (ALLOW_ORIGINS or `allowOrigins`).
+The gateway's one middleware (observe.py) calls these."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.state import SETTINGS, STORE
-from wire.errors import Handler
 
-_ORIGIN = web.RequestKey("cors_origin", str)
 _EXPOSED = "X-Request-ID, x-gateway-upstream-model, Retry-After"
 
 
@@ -24,35 +23,34 @@ def _allow_origin_value(origin: str, allowed: Sequence[str]) -> str | None:
     return origin if origin in allowed else None
 
 
-@web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def allowed_origin(request: web.Request) -> str | None:
+    """The Access-Control-Allow-Origin value for this request, or None: no CORS headers
+    (no Origin, or one not allowed: the browser refuses the response, as it should)."""
     origin = request.headers.get("Origin")
     if origin is None:
-        return await handler(request)
-    value = _allow_origin_value(origin, _allowed_origins(request.app))
-    if value is None:
-        # No CORS headers: the browser refuses the response, as it should.
-        return await handler(request)
-    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        headers = {
-            "Access-Control-Allow-Origin": value,
-            "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
-            "Access-Control-Allow-Headers": request.headers.get(
-                "Access-Control-Request-Headers", "Authorization, Content-Type"
-            ),
-            "Access-Control-Max-Age": "600",
-            "Vary": "Origin",
-        }
-        return web.Response(status=204, headers=headers)
-    request[_ORIGIN] = value
-    return await handler(request)
+        return None
+    return _allow_origin_value(origin, _allowed_origins(request.app))
 
 
-async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare hook, so streamed and error responses get the headers too."""
-    value = request.get(_ORIGIN)
-    if value is not None:
-        response.headers["Access-Control-Allow-Origin"] = value
-        response.headers["Access-Control-Expose-Headers"] = _EXPOSED
-        if value != "*":
-            response.headers.add("Vary", "Origin")
+def preflight(request: web.Request, allowed: str) -> web.Response | None:
+    """The answer to a CORS preflight from an allowed origin; None for any other request."""
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return None
+    headers = {
+        "Access-Control-Allow-Origin": allowed,
+        "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": request.headers.get(
+            "Access-Control-Request-Headers", "Authorization, Content-Type"
+        ),
+        "Access-Control-Max-Age": "600",
+        "Vary": "Origin",
+    }
+    return web.Response(status=204, headers=headers)
+
+
+def add_cors_headers(response: web.StreamResponse, allowed: str) -> None:
+    """Called as the response is prepared, so streamed and error responses get them too."""
+    response.headers["Access-Control-Allow-Origin"] = allowed
+    response.headers["Access-Control-Expose-Headers"] = _EXPOSED
+    if allowed != "*":
+        response.headers.add("Vary", "Origin")

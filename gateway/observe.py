@@ -14,10 +14,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gateway.cors import add_cors_headers, allowed_origin, preflight
 from gateway.logs import fast_json_handler
 from gateway.metrics import Metrics
 from gateway.usagelog import UsageLog
-from wire.errors import Handler
+from wire.errors import Handler, error_response_for
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -51,6 +52,7 @@ class RequestRecord:
     attempts: int = 0
     # Every backend failure this request saw, retried or not (metrics count each).
     failures: list[str] = field(default_factory=list)
+    cors_origin: str | None = None  # Access-Control-Allow-Origin for the response, if any
 
     def fail(self, kind: str) -> None:
         """The backend failed after its response started: the request ends in this error."""
@@ -132,6 +134,9 @@ class Meters:
 def access_middleware(
     metrics: Metrics, usage: UsageLog, usage_path: Callable[[], str | None]
 ) -> Handler:
+    """The gateway's one middleware: request record and id, CORS, the OpenAI error envelope,
+    then metrics and the access line. One layer rather than three: each middleware layer
+    and each response-prepare hook is a coroutine and a frame more on every request."""
     meters = Meters(metrics)
 
     @web.middleware
@@ -141,7 +146,18 @@ def access_middleware(
         structlog.contextvars.bind_contextvars(request_id=record.request_id)
         status = 500
         try:
-            response = await handler(request)
+            if "Origin" in request.headers:
+                allowed = allowed_origin(request)
+                if allowed is not None:
+                    answer = preflight(request, allowed)
+                    if answer is not None:
+                        status = answer.status
+                        return answer
+                    record.cors_origin = allowed
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                response = error_response_for(request, exc)
             status = response.status
             return response
         except asyncio.CancelledError:
@@ -179,14 +195,17 @@ def _record_usage(usage: UsageLog, path: str | None, record: RequestRecord, stat
     )
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare hook: streamed responses send headers early, so add it here
-    (and the caller's rate-limit headers, as OpenAI sends them)."""
+async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare hook: streamed responses send headers early, so add them here: the
+    request id, the caller's rate-limit headers (as OpenAI sends them), CORS."""
     record = request.get(_RECORD)
     if record is not None:
-        response.headers[REQUEST_ID_HEADER] = record.request_id
+        headers = response.headers
+        headers[REQUEST_ID_HEADER] = record.request_id
         for name, value in record.limit_headers.items():
-            response.headers.setdefault(name, value)
+            headers.setdefault(name, value)
+        if record.cors_origin is not None:
+            add_cors_headers(response, record.cors_origin)
 
 
 def _finish(request: web.Request, record: RequestRecord, status: int, meters: Meters) -> None:

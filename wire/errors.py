@@ -98,20 +98,26 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
     return error_response(exc.status, message, type_, None, code, headers)
 
 
+def error_response_for(request: web.Request, exc: Exception) -> web.Response:
+    """The OpenAI error body for an exception out of a handler; never a stack trace.
+    Redirects and other HTTP exceptions under 400 are raised again."""
+    if isinstance(exc, APIError):
+        return exc.to_response()
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        return _from_http_exception(exc)
+    # The traceback goes to the log (with the request id bound there), never to the client.
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    return error_response(
+        500, "Internal error; it has been logged.", SERVER_ERROR, None, "internal_error"
+    )
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every exception into an OpenAI error body; never leak a stack trace."""
     try:
         return await handler(request)
-    except APIError as exc:
-        return exc.to_response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _from_http_exception(exc)
-    except Exception:
-        # The traceback goes to the log (with the request id bound there), never to the client.
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(
-            500, "Internal error; it has been logged.", SERVER_ERROR, None, "internal_error"
-        )
+    except Exception as exc:
+        return error_response_for(request, exc)
