@@ -19,10 +19,10 @@ from gateway.observe import RequestRecord
 from gateway.routing import Hop, Route, Target
 from gateway.selection import Policies
 from gateway.upstream import (
+    BodyReader,
     Deadline,
     UpstreamError,
     forward_headers,
-    read_chunks,
     send,
     upstream_url,
 )
@@ -75,14 +75,15 @@ async def prefetch(
 ) -> tuple[bytes, bool]:
     """Read what must arrive before the client is answered: a stream's first whole event,
     or a whole JSON (or error) body. Other bodies (audio, images) are not read ahead."""
+    reader = BodyReader(response, hop, deadline)
     if is_event_stream(response):
         splitter = SSESplitter()
         head = bytearray()
-        async for chunk in read_chunks(response, hop, deadline):
+        while chunk := await reader.read():
             head += chunk
             try:
                 if splitter.feed(chunk):
-                    return bytes(head), False
+                    return bytes(head), reader.at_eof()
             except EventTooLarge as exc:
                 raise UpstreamError("event_too_large", 502, str(exc)) from None
         if splitter.pending.strip():
@@ -92,8 +93,7 @@ async def prefetch(
         return bytes(head), True
     if is_json_like(response):
         body = bytearray()
-        async for chunk in read_chunks(response, hop, deadline):
-            body += chunk
+        await reader.read_all(body)
         return bytes(body), True
     return b"", False
 

@@ -15,6 +15,7 @@ from gateway.failover import Sent, is_event_stream, is_json_like
 from gateway.observe import RequestRecord
 from gateway.redact import Redactor
 from gateway.rewrite import (
+    ModelSwap,
     RewrittenEvent,
     dumps,
     loads,
@@ -23,7 +24,7 @@ from gateway.rewrite import (
     usage_of,
 )
 from gateway.routing import Hop
-from gateway.upstream import Deadline, UpstreamError, read_chunks, returned_headers
+from gateway.upstream import BodyReader, Deadline, UpstreamError, read_chunks, returned_headers
 from wire.errors import UPSTREAM_ERROR, error_payload
 from wire.sse import EventTooLarge, SSESplitter, encode_data
 
@@ -45,12 +46,11 @@ async def relay(
 ) -> web.StreamResponse:
     upstream, hop = sent.response, sent.hop
     record.upstream_status = upstream.status
-    chunks = _body(sent, deadline)
     if is_event_stream(upstream):
-        return await _relay_events(request, upstream, hop, record, chunks, sent.usage_added)
+        return await _relay_events(request, sent, record, deadline)
     if is_json_like(upstream):
         return await _relay_json(upstream, hop, record, sent.head, redactor)
-    return await _relay_bytes(request, upstream, hop, record, chunks)
+    return await _relay_bytes(request, upstream, hop, record, _body(sent, deadline))
 
 
 async def _body(sent: Sent, deadline: Deadline) -> AsyncIterator[bytes]:
@@ -94,47 +94,74 @@ async def _relay_json(
 
 
 async def _relay_events(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    hop: Hop,
-    record: RequestRecord,
-    chunks: AsyncIterator[bytes],
-    strip_usage: bool,
+    request: web.Request, sent: Sent, record: RequestRecord, deadline: Deadline
 ) -> web.StreamResponse:
+    upstream, hop = sent.response, sent.hop
     response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
     response.headers["Cache-Control"] = "no-cache"
     # Tell an nginx in front of us not to buffer the stream either.
     response.headers["X-Accel-Buffering"] = "no"
     await response.prepare(request)
     record.streamed = True
+    strip_usage = sent.usage_added
+    public_id = hop.public_id
+    swap = ModelSwap(public_id)
     splitter = SSESplitter()
+    reader = None if sent.complete else BodyReader(upstream, hop, deadline)
+    chunk = sent.head
     try:
-        async for chunk in chunks:
-            events = splitter.feed(chunk)
-            if not events:
-                continue
-            # Events that arrived together leave together: one write (one send) per network
-            # read, not per event. Nothing waits for more data, so nothing is buffered.
-            out = []
-            for event in events:
-                rewritten = rewrite_event(event, hop.public_id)
-                usage = usage_of(rewritten.payload, rewritten.source)
-                if usage:
-                    record.prompt_tokens, record.completion_tokens = usage
-                    if strip_usage:
-                        kept = _without_usage(rewritten, hop.public_id)
-                        if kept is not None:
-                            out.append(kept)
-                        continue
-                out.append(rewritten.data)
-            if record.first_byte_at is None:
-                record.first_byte_at = time.monotonic()
-            await response.write(b"".join(out))
+        while True:
+            if chunk:
+                events = splitter.feed(chunk)
+                # Events that arrived together leave together: one write (one send) per
+                # network read, not per event. Nothing waits for more data.
+                out = []
+                for event in events:
+                    swapped = swap.event(event)
+                    if swapped is None:
+                        rewritten = rewrite_event(event, public_id)
+                        data, payload, source = rewritten.data, rewritten.payload, rewritten.source
+                    else:
+                        data, payload, source = swapped
+                    # `usage` is read only where it can be: its key in the bytes, or escapes
+                    # (find, not `in`: see rewrite._model_value).
+                    if payload is not None and (
+                        source.find(b'"usage"') != -1 or source.find(b"\\") != -1
+                    ):
+                        usage = usage_of(payload, source)
+                        if usage:
+                            record.prompt_tokens, record.completion_tokens = usage
+                            if strip_usage:
+                                kept = _without_usage(
+                                    RewrittenEvent(data, payload, False, source), public_id
+                                )
+                                if kept is not None:
+                                    out.append(kept)
+                                continue
+                    out.append(data)
+                if events and record.first_byte_at is None:
+                    record.first_byte_at = time.monotonic()
+                if reader is None or reader.at_eof():
+                    # The end is here already: the last events and the end of the chunked
+                    # body leave in one write.
+                    if splitter.pending.strip():
+                        if out:
+                            await response.write(b"".join(out))
+                        break
+                    await response.write_eof(b"".join(out))
+                    return response
+                if out:
+                    await response.write(out[0] if len(out) == 1 else b"".join(out))
+            if reader is None:
+                break
+            chunk = await reader.read()
+            if not chunk:
+                break
         if splitter.pending.strip():
             raise UpstreamError(
                 "died",
                 502,
-                f"backend for model '{hop.public_id}' ended the stream inside an event",
+                f"backend for model '{public_id}' ended the stream inside an event",
             )
     except EventTooLarge as exc:
         await _end_with_error(response, record, UpstreamError("event_too_large", 502, str(exc)))

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from gateway.handlers.openai import _Body
 from gateway.relay import _cut_usage, _without_usage
 from gateway.rewrite import (
+    ModelSwap,
     _rewrite_event_slowly,
     loads,
     rewrite_event,
@@ -90,6 +91,14 @@ def test_event_rewrite_matches_a_parse(data: Any, document: Any, public: str) ->
     assert _same(json.loads(fast.data[6:-2]), _reference(raw, public))
     assert usage_of(fast.payload, fast.source) == usage_of(slow.payload)
     assert _same(fast.exact_payload(public), slow.payload)
+    # The relay's per-stream path gives the same bytes, or leaves the event to rewrite_event;
+    # where `usage` is, its key is in the bytes (the relay only looks for it there).
+    swapped = ModelSwap(public).event(event)
+    if swapped is not None:
+        assert swapped[0] == fast.data and swapped[2] == fast.source
+        assert _same(swapped[1], fast.payload)
+    if usage_of(fast.payload, fast.source) is not None:
+        assert b'"usage"' in raw or b"\\" in raw
 
 
 @settings(max_examples=300, deadline=None)
