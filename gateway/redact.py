@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+
+# What a JSON encoder writes as an escape inside a string (orjson and json alike).
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f\x7f-\U0010ffff]')
 
 
 def mask(secret: str | None) -> str | None:
@@ -21,6 +25,8 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: set[str] = set()
         self._ordered: list[str] = []
+        # Every secret is written in a JSON string exactly as it is (see logs.JsonLineHandler).
+        self.json_verbatim = True
         self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
@@ -30,6 +36,7 @@ class Redactor:
             self._secrets |= new
             # Longest first, so a key that contains another is masked whole.
             self._ordered = sorted(self._secrets, key=len, reverse=True)
+            self.json_verbatim = not any(_JSON_ESCAPED.search(s) for s in self._secrets)
 
     def redact(self, text: str) -> str:
         for secret in self._ordered:

@@ -116,3 +116,17 @@ def test_request_ids_are_uuid4_hex() -> None:
     for _ in range(200):
         made = new_request_id()
         assert uuid.UUID(made).version == 4 and uuid.UUID(made).hex == made
+
+
+def test_secrets_that_json_escapes_are_redacted_field_by_field(capsys) -> None:
+    # The fast path searches the rendered line once; a secret with a quote, a backslash or a
+    # non-ASCII character is written differently there, so such a redactor goes field by field.
+    for secret in ('sk-"quoted"-1234567', "sk-back\\slash-1234", "sk-é-accented-1234"):
+        redactor = Redactor([secret])
+        assert not redactor.json_verbatim
+        configure_logging(redactor, fmt="json", level="INFO")
+        record = _record(model=f"m {secret}", route_id="m")
+        fast, slow = _both_paths(capsys, record, 200)
+        assert secret not in json.loads(fast)["model"] and secret not in json.loads(slow)["model"]
+        assert _without_time(fast) == _without_time(slow)
+    assert Redactor([SECRET]).json_verbatim
