@@ -115,28 +115,39 @@ def _unknown_model(model: str, snapshot: Snapshot, caller: Caller | None = None)
     )
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    too_large = APIError(
+def _too_large(limit: int) -> APIError:
+    return APIError(
         413,
         f"Request body is larger than the gateway's limit of {limit} bytes (maxRequestBytes).",
         INVALID_REQUEST,
         None,
         "request_too_large",
     )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    body = bytearray()
+        raise _too_large(limit)
+    content = request.content
     try:
-        async for chunk in request.content.iter_any():
-            body += chunk
+        chunk = await content.readany()
+        if content.at_eof():  # the whole body in one read: most requests
+            if len(chunk) > limit:
+                raise _too_large(limit)
+            return chunk
+        body = bytearray(chunk)
+        while True:
             if len(body) > limit:
-                raise too_large
+                raise _too_large(limit)
+            chunk = await content.readany()
+            if not chunk:
+                return bytes(body)
+            body += chunk
     except RequestPayloadError as exc:
         # e.g. a body that is not the gzip its Content-Encoding says it is
         raise APIError(
             400, f"Could not read the request body: {exc}.", INVALID_REQUEST, None, "invalid_body"
         ) from None
-    return bytes(body)
 
 
 def _checked_tail(request: web.Request) -> str:
