@@ -271,6 +271,8 @@ class ModelSwap:
         data = event[5:-2]
         if data.startswith(b" "):
             data = data[1:]
+        if data == b"[DONE]":  # as rewrite_event gives it, without a failed parse first
+            return event, None, b""
         try:
             payload = loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError):

@@ -97,6 +97,8 @@ def test_event_rewrite_matches_a_parse(data: Any, document: Any, public: str) ->
     if swapped is not None:
         assert swapped[0] == fast.data and swapped[2] == fast.source
         assert _same(swapped[1], fast.payload)
+    done = rewrite_event(b"data: [DONE]\n\n", public)
+    assert ModelSwap(public).event(b"data: [DONE]\n\n") == (done.data, done.payload, done.source)
     if usage_of(fast.payload, fast.source) is not None:
         assert b'"usage"' in raw or b"\\" in raw
 
