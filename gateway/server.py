@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 
 from gateway.state import DRAINING, STORE
+from wire.protocol_errors import answer_protocol_errors_in_json
 
 log = structlog.get_logger("gateway.server")
 
@@ -32,6 +33,7 @@ async def start(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=drain_timeout
     )
     await runner.setup()
+    answer_protocol_errors_in_json(runner)
     site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
     await site.start()
     return runner

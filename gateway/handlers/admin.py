@@ -18,6 +18,7 @@ from gateway.redact import mask
 from gateway.routing import Snapshot, Target
 from gateway.state import BACKENDS, DRAINING, LIMITER, METRICS, SETTINGS, STORE
 from wire.errors import AUTHENTICATION, INVALID_REQUEST, APIError
+from wire.protocol_errors import expect_continue
 
 
 def _require_admin(request: web.Request) -> None:
@@ -185,9 +186,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/debug", debug)
-    app.router.add_post("/reload", reload)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/usage", usage)
+    app.router.add_get("/health", health, expect_handler=expect_continue)
+    app.router.add_get("/ready", ready, expect_handler=expect_continue)
+    app.router.add_get("/debug", debug, expect_handler=expect_continue)
+    app.router.add_post("/reload", reload, expect_handler=expect_continue)
+    app.router.add_get("/metrics", metrics, expect_handler=expect_continue)
+    app.router.add_get("/usage", usage, expect_handler=expect_continue)

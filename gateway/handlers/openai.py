@@ -30,6 +30,7 @@ from gateway.state import (
 )
 from gateway.upstream import Deadline, UpstreamError
 from wire.errors import INVALID_REQUEST, UPSTREAM_ERROR, APIError
+from wire.protocol_errors import expect_continue
 
 # Routes with a name of their own in metrics; any other path is "passthrough".
 NAMED_ROUTES = {
@@ -381,10 +382,12 @@ async def proxy_unprefixed(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     for prefix in ("/v1", ""):
-        app.router.add_get(f"{prefix}/models", list_models)
-        app.router.add_get(f"{prefix}/models/{{model_id:.+}}", get_model)
+        app.router.add_get(f"{prefix}/models", list_models, expect_handler=expect_continue)
+        app.router.add_get(
+            f"{prefix}/models/{{model_id:.+}}", get_model, expect_handler=expect_continue
+        )
         for tail in NAMED_ROUTES:
-            app.router.add_post(f"{prefix}/{tail}", proxy)
+            app.router.add_post(f"{prefix}/{tail}", proxy, expect_handler=expect_continue)
     # Everything else goes to the backend that owns the body's model.
-    app.router.add_route("*", "/v1/{tail:.+}", proxy)
-    app.router.add_route("*", "/{tail:.+}", proxy_unprefixed)
+    app.router.add_route("*", "/v1/{tail:.+}", proxy, expect_handler=expect_continue)
+    app.router.add_route("*", "/{tail:.+}", proxy_unprefixed, expect_handler=expect_continue)
