@@ -228,6 +228,9 @@ def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
 class Children:
     """Every process the bench starts; all are stopped in `stop_all` (finally and atexit)."""
 
+    # Subclasses that stop whole process groups start each child in a group of its own.
+    own_groups = False
+
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         atexit.register(self.stop_all)
@@ -249,6 +252,7 @@ class Children:
             stdout=stdout,
             stderr=stderr,
             preexec_fn=_child_setup(cpus),
+            start_new_session=self.own_groups,
         )
         self.procs.append(proc)
         return proc

@@ -61,7 +61,6 @@ from gateway_bench import (
     STREAM_EVENTS,
     UPSTREAM_MODEL,
     Children,
-    _child_setup,
     _raise_exit,
     completion_body,
     cpu_seconds,
@@ -358,6 +357,8 @@ class Processes(Children):
     child in a process group of its own: Ctrl-C reaches only the bench, which then stops them
     all, grandchildren included, and a reaper process does the same if the bench is killed."""
 
+    own_groups = True
+
     def __init__(self) -> None:
         super().__init__()
         self.groups: set[int] = set()
@@ -374,17 +375,7 @@ class Processes(Children):
         stderr: Any = subprocess.DEVNULL,
         cpus: set[int] | None = None,
     ) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            preexec_fn=_child_setup(cpus),
-            start_new_session=True,
-        )
-        self.procs.append(proc)
+        proc = super().start(argv, env=env, stdout=stdout, stderr=stderr, cpus=cpus)
         self.groups.add(proc.pid)
         if self.reaper is not None and self.reaper.stdin is not None:
             self.reaper.stdin.write(b"%d\n" % proc.pid)
