@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
-from yarl import URL
 
 from gateway.backends import Backends
 from gateway.catalog import Catalog
@@ -62,13 +61,13 @@ def build_app(
         configure_logging(redactor)
 
     limits = Limits(on_redis_state=metrics.set_redis_up, on_redis_error=metrics.redis_errors.inc)
-    _use_redis(limits, store.current, redactor)
+    _use_redis(limits, store.current)
 
     def on_reload(outcome: ReloadOutcome, snapshot: Snapshot) -> None:
         metrics.reloads.labels("ok" if outcome.ok else "error", outcome.trigger).inc()
         if outcome.ok:
             redactor.add(snapshot.secrets())
-            _use_redis(limits, snapshot, redactor)
+            _use_redis(limits, snapshot)
             metrics.set_models(snapshot.routes)
             backends.retain(set(snapshot.targets()))
             for target in snapshot.targets().values():
@@ -113,12 +112,8 @@ async def _close(usage_log: UsageLog) -> None:
     usage_log.close()
 
 
-def _use_redis(limits: Limits, snapshot: Snapshot, redactor: Redactor) -> None:
+def _use_redis(limits: Limits, snapshot: Snapshot) -> None:
     config = snapshot.config
-    if config.redis_url:
-        password = URL(config.redis_url).password
-        if password:
-            redactor.add([password])
     replaced = limits.configure(config.redis_url, config.redis_fail_open)
     if replaced is not None:  # the reload named another Redis
         task = asyncio.get_running_loop().create_task(replaced.close())

@@ -233,4 +233,8 @@ class Snapshot:
             if target.base_url.password:
                 found.add(target.base_url.password)
         found.update(k.key for k in self.config.keys if not k.key.startswith("sha256:"))
+        if self.config.redis_url:
+            redis_password = URL(self.config.redis_url).password
+            if redis_password:
+                found.add(redis_password)
         return found
