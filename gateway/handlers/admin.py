@@ -46,12 +46,13 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def _masked_url(url: URL) -> str:
+    return str(url.with_password("***") if url.password else url)
+
+
 def _masked_target(target: Target, backends: Backends, now: float) -> dict[str, Any]:
-    url = target.base_url
-    if url.password:
-        url = url.with_password("***")
     return {
-        "url": str(url),
+        "url": _masked_url(target.base_url),
         "apiKey": mask(target.api_key),
         "actualModelName": target.model,
         "headers": {name: mask(value) for name, value in target.headers.items()},
@@ -88,16 +89,12 @@ def _masked_config(snapshot: Snapshot, backends: Backends) -> dict[str, Any]:
         }
         for k in config.keys
     ]
-    redis_url = None
-    if config.redis_url:
-        url = URL(config.redis_url)
-        redis_url = str(url.with_password("***") if url.password else url)
     return {
         "endpoints": endpoints,
         "keys": keys,
         "allowOrigins": list(config.allow_origins),
         "maxRequestBytes": config.max_request_bytes,
-        "redisUrl": redis_url,
+        "redisUrl": _masked_url(URL(config.redis_url)) if config.redis_url else None,
         "redisFailOpen": config.redis_fail_open,
     }
 
