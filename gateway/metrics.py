@@ -35,7 +35,9 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     def __init__(self, models: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.multiprocess = multiprocess_dir() is not None
+        # Where --workers processes share their values; None for a single process.
+        self._shared_dir = multiprocess_dir()
+        self.multiprocess = self._shared_dir is not None
         r = self.registry
         self.requests = Counter(
             "gateway_requests_total",
@@ -138,13 +140,34 @@ class Metrics:
         return model if model in self._models else OTHER
 
     def render(self) -> bytes:
-        directory = multiprocess_dir()
-        if not self.multiprocess or directory is None:
+        if self._shared_dir is None:
             return generate_latest(self.registry)
         self.sync()
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, directory)
+        multiprocess.MultiProcessCollector(registry, self._shared_dir)
         return generate_latest(registry)
+
+
+# The per-backend series, in the order of _backend_rows' columns: (name, help, kind, how the
+# values of several --workers processes combine).
+_BACKEND_SERIES = (
+    ("gateway_backend_in_flight", "Requests in flight per backend.", "gauge", "livesum"),
+    (
+        "gateway_backend_up",
+        "1 when the backend takes requests, 0 while a circuit breaker has it ejected "
+        "(the lowest over --workers processes).",
+        "gauge",
+        "livemin",
+    ),
+    ("gateway_backend_ejections", "Times the circuit breaker ejected the backend.", "counter", ""),
+    ("gateway_backend_requests", "Attempts sent to the backend.", "counter", ""),
+    (
+        "gateway_backend_failures",
+        "Attempts that failed (connect, timeout, 5xx, died).",
+        "counter",
+        "",
+    ),
+)
 
 
 def _backend_rows(backends: Backends) -> dict[str, list[float]]:
@@ -168,74 +191,39 @@ class _BackendCollector(Collector):
         self._backends = backends
 
     def collect(self) -> Iterator[Metric]:
-        totals = _backend_rows(self._backends)
         families = [
-            GaugeMetricFamily(
-                "gateway_backend_in_flight", "Requests in flight per backend.", labels=["backend"]
-            ),
-            GaugeMetricFamily(
-                "gateway_backend_up",
-                "1 when the backend takes requests, 0 while its circuit breaker has it ejected.",
-                labels=["backend"],
-            ),
-            CounterMetricFamily(
-                "gateway_backend_ejections",
-                "Times the circuit breaker ejected the backend.",
-                labels=["backend"],
-            ),
-            CounterMetricFamily(
-                "gateway_backend_requests", "Attempts sent to the backend.", labels=["backend"]
-            ),
-            CounterMetricFamily(
-                "gateway_backend_failures",
-                "Attempts that failed (connect, timeout, 5xx, died).",
-                labels=["backend"],
-            ),
+            (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                name, doc, labels=["backend"]
+            )
+            for name, doc, kind, _ in _BACKEND_SERIES
         ]
-        for label, row in sorted(totals.items()):
+        for label, row in sorted(_backend_rows(self._backends).items()):
             for family, value in zip(families, row, strict=True):
                 family.add_metric([label], value)
         yield from families
 
 
 class _BackendGauges:
-    """The same series as _BackendCollector, as values in the multiprocess files: in flight
-    summed over processes, up as the lowest (one process that ejected it says so), and the
-    counters as sums of what each process added."""
+    """The same series as _BackendCollector, as values in the multiprocess files: gauges
+    combined as _BACKEND_SERIES says, counters as sums of what each process added."""
 
     def __init__(self, backends: Backends, registry: CollectorRegistry) -> None:
         self._backends = backends
-        label = ["backend"]
-        self._in_flight = Gauge(
-            "gateway_backend_in_flight",
-            "Requests in flight per backend.",
-            label,
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self._up = Gauge(
-            "gateway_backend_up",
-            "1 when the backend takes requests, 0 while a circuit breaker has it ejected.",
-            label,
-            registry=registry,
-            multiprocess_mode="livemin",
-        )
-        self._counters = [
-            Counter(name, doc, label, registry=registry)
-            for name, doc in (
-                ("gateway_backend_ejections", "Times the circuit breaker ejected the backend."),
-                ("gateway_backend_requests", "Attempts sent to the backend."),
-                ("gateway_backend_failures", "Attempts that failed (connect, timeout, 5xx, died)."),
-            )
+        self._series: list[Gauge | Counter] = [
+            Gauge(name, doc, ["backend"], registry=registry, multiprocess_mode=mode)
+            if kind == "gauge"
+            else Counter(name, doc, ["backend"], registry=registry)
+            for name, doc, kind, mode in _BACKEND_SERIES
         ]
         self._counted: dict[tuple[str, int], float] = defaultdict(float)
 
     def sync(self) -> None:
         for label, row in _backend_rows(self._backends).items():
-            self._in_flight.labels(label).set(row[0])
-            self._up.labels(label).set(row[1])
-            for index, counter in enumerate(self._counters):
-                added = row[2 + index] - self._counted[label, index]
+            for index, (series, value) in enumerate(zip(self._series, row, strict=True)):
+                if isinstance(series, Gauge):
+                    series.labels(label).set(value)
+                    continue
+                added = value - self._counted[label, index]
                 if added > 0:
-                    counter.labels(label).inc(added)
-                    self._counted[label, index] = row[2 + index]
+                    series.labels(label).inc(added)
+                    self._counted[label, index] = value
