@@ -216,6 +216,7 @@ def test_make_run_script_starts_both_and_stops_both_on_ctrl_c(tmp_path) -> None:
     env = environment(
         tmp_path,
         PY=sys.executable,
+        MODEL="demo",  # the script's plumbing, on the model that starts in seconds
         WORKER_PORT=str(worker_port),
         GATEWAY_PORT=str(gateway_port),
         GATEWAY_CONFIG=str(config),
