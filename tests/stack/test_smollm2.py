@@ -131,6 +131,22 @@ def test_a_factual_question_through_the_gateway(stack) -> None:
     assert answer.choices[0].finish_reason == "stop"  # the model's own <|im_end|>
 
 
+def test_requests_without_sampling_get_the_model_card_settings(stack) -> None:
+    haiku = [{"role": "user", "content": "Write a haiku about the sea."}]
+
+    def reply(**sampling) -> str:
+        answer = stack["client"].chat.completions.create(
+            model="smollm2", messages=haiku, max_tokens=40, seed=7, **sampling
+        )
+        return answer.choices[0].message.content
+
+    recommended = reply(
+        temperature=smollm2.RECOMMENDED_TEMPERATURE, top_p=smollm2.RECOMMENDED_TOP_P
+    )
+    assert reply() == recommended
+    assert reply(temperature=1.0, top_p=1.0) != recommended
+
+
 def test_streaming_gives_the_same_answer(stack) -> None:
     chunks = list(ask(stack["client"], stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
