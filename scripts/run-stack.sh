@@ -6,7 +6,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-WORKER_PORT=${WORKER_PORT:-8000}
+# Exported: config.example.json reads it for the worker's URL.
+export WORKER_PORT=${WORKER_PORT:-8000}
 GATEWAY_PORT=${GATEWAY_PORT:-3333}
 GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
 GATEWAY_CONFIG=${GATEWAY_CONFIG:-config.example.json}
