@@ -11,12 +11,11 @@ import structlog
 from aiohttp import web
 
 from gateway.backends import Ticket
+from gateway.background import TICK
 from gateway.routing import Route, Target
 from gateway.state import BACKENDS, SESSION, STORE
 
 log = structlog.get_logger("gateway.health")
-
-TICK = 0.5  # how often due probes are looked for
 
 
 async def probe(session: aiohttp.ClientSession, route: Route, target: Target) -> str | None:

@@ -227,7 +227,7 @@ def _connect_timeout(connect: float | None) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect)
 
 
-async def send(
+async def open_response(
     session: aiohttp.ClientSession,
     hop: Hop,
     method: str,
@@ -263,7 +263,7 @@ async def send(
         raise UpstreamError(
             "timeout_connect",
             504,
-            f"backend for model '{hop.public_id}' ({hop.backend}) did not accept a "
+            f"backend for model '{hop.public_id}' ({hop.backend_label}) did not accept a "
             f"connection within {timeouts.connect:g} s",
         ) from None
     except TimeoutError:
@@ -279,13 +279,13 @@ async def send(
         raise UpstreamError(
             "refused",
             502,
-            f"backend for model '{hop.public_id}' ({hop.backend}) is unreachable: {reason}",
+            f"backend for model '{hop.public_id}' ({hop.backend_label}) is unreachable: {reason}",
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(
             "bad_response",
             502,
-            f"backend for model '{hop.public_id}' ({hop.backend}) failed before "
+            f"backend for model '{hop.public_id}' ({hop.backend_label}) failed before "
             f"responding: {exc.__class__.__name__}",
         ) from None
     finally:
@@ -336,7 +336,7 @@ class BodyReader:
             raise UpstreamError(
                 "died",
                 502,
-                f"backend for model '{hop.public_id}' ({hop.backend}) closed the connection "
+                f"backend for model '{hop.public_id}' ({hop.backend_label}) closed the connection "
                 f"before the response was complete ({exc.__class__.__name__})",
             ) from None
         finally:

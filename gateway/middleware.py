@@ -1,4 +1,5 @@
-"""Per-request record, request ids, and the access line + metrics written when a request ends."""
+"""The gateway's one middleware: per-request record, request ids, CORS, the error envelope,
+and the access line + metrics written when a request ends."""
 
 from __future__ import annotations
 
@@ -25,16 +26,17 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Status for a client that went away before the response ended (nginx's convention).
 CLIENT_CLOSED = 499
 
-access_log = structlog.get_logger("gateway.access")
+access_log = structlog.get_logger("gateway.client_keys")
 # The stdlib logger under it: its level decides whether the line is written at all.
-_ACCESS_LOGGER = logging.getLogger("gateway.access")
+_ACCESS_LOGGER = logging.getLogger("gateway.client_keys")
 _merge_context = structlog.contextvars.merge_contextvars
 
 
 @dataclass(slots=True)
 class RequestRecord:
     request_id: str
-    route: str = "other"
+    # The endpoint family (`chat.completions`, `models`, `health`): the metrics' `route` label.
+    family: str = "other"
     started: float = field(default_factory=time.monotonic)
     model: str | None = None  # as the client sent it (logged)
     route_id: str | None = None  # the configured id it matched (`ollama/*`): the metric label
@@ -107,8 +109,8 @@ class Meters:
         child = self._child
         model = self.metrics.model_label(record.route_id or record.model)
         code = str(status)
-        child("requests", model, record.route, code).inc()
-        child("duration", model, record.route).observe(duration)
+        child("requests", model, record.family, code).inc()
+        child("duration", model, record.family).observe(duration)
         ttft = None
         if record.first_byte_at is not None:
             ttft = record.first_byte_at - record.started
@@ -212,7 +214,7 @@ def _finish(request: web.Request, record: RequestRecord, status: int, meters: Me
     duration = time.monotonic() - record.started
     ttft = meters.finish(record, status, duration)
 
-    quiet = record.route in ("health", "metrics")
+    quiet = record.family in ("health", "metrics")
     handler = fast_json_handler(_ACCESS_LOGGER)
     if handler is not None and not _ACCESS_LOGGER.isEnabledFor(
         logging.DEBUG if quiet else logging.INFO
@@ -241,5 +243,5 @@ def _finish(request: web.Request, record: RequestRecord, status: int, meters: Me
     # The same line structlog would write (see JsonLineHandler), without its layers.
     fields["event"] = "request"
     handler.write_event(
-        "gateway.access", "debug" if quiet else "info", _merge_context(None, "", fields)
+        "gateway.client_keys", "debug" if quiet else "info", _merge_context(None, "", fields)
     )
