@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import Timeouts
-from gateway.routing import Hop
+from gateway.routing import Hop, Target
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -77,6 +79,24 @@ def make_session() -> aiohttp.ClientSession:
         auto_decompress=True,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+async def get_models(
+    session: aiohttp.ClientSession, target: Target, path: str = "/models"
+) -> tuple[int, Any]:
+    """A backend's model list (`GET <url>/models`, or a health check's path): its status and
+    its JSON (None when the body is not JSON). Raises aiohttp.ClientError or OSError when the
+    backend cannot be reached; callers bound the wait with `asyncio.timeout`. The health
+    checks and the wildcard routes' catalog both ask this way: never a completion, always
+    with the backend's own headers."""
+    url = f"{target.base_url}{path}"
+    async with session.get(url, headers=target.own_headers(), allow_redirects=False) as response:
+        body = await response.read()
+        try:
+            payload = json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError):
+            payload = None
+        return response.status, payload
 
 
 def _connection_listed(headers: Mapping[str, str]) -> set[str]:
