@@ -26,9 +26,9 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Status for a client that went away before the response ended (nginx's convention).
 CLIENT_CLOSED = 499
 
-access_log = structlog.get_logger("gateway.client_keys")
+access_log = structlog.get_logger("gateway.access")
 # The stdlib logger under it: its level decides whether the line is written at all.
-_ACCESS_LOGGER = logging.getLogger("gateway.client_keys")
+_ACCESS_LOGGER = logging.getLogger("gateway.access")
 _merge_context = structlog.contextvars.merge_contextvars
 
 
@@ -243,5 +243,5 @@ def _finish(request: web.Request, record: RequestRecord, status: int, meters: Me
     # The same line structlog would write (see JsonLineHandler), without its layers.
     fields["event"] = "request"
     handler.write_event(
-        "gateway.client_keys", "debug" if quiet else "info", _merge_context(None, "", fields)
+        "gateway.access", "debug" if quiet else "info", _merge_context(None, "", fields)
     )

@@ -152,7 +152,7 @@ async def test_served_process_env_config_sighup_and_logs(tmp_path, backend, http
         assert secret not in debug
     assert "private prompt" not in stderr
     records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
-    access = [r for r in records if r.get("logger") == "gateway.client_keys"]
+    access = [r for r in records if r.get("logger") == "gateway.access"]
     assert {r["status"] for r in access} >= {200, 404, 401}
     ok = next(r for r in access if r["status"] == 200)
     assert ok["model"] == "one" and ok["backend"] and ok["request_id"] and ok["duration_ms"] >= 0

@@ -32,14 +32,14 @@ def _both_paths(capsys, record: RequestRecord, status: int) -> tuple[str, str]:
     meters = Meters(Metrics(["llama"]))
     structlog.contextvars.bind_contextvars(request_id=record.request_id, worker="w1")
     try:
-        assert fast_json_handler(logging.getLogger("gateway.client_keys")) is not None
+        assert fast_json_handler(logging.getLogger("gateway.access")) is not None
         _finish(request, record, status, meters)  # type: ignore[arg-type]
         # Any filter on the root logger sends the line through structlog instead.
         root = logging.getLogger()
         keep = logging.Filter()
         root.addFilter(keep)
         try:
-            assert fast_json_handler(logging.getLogger("gateway.client_keys")) is None
+            assert fast_json_handler(logging.getLogger("gateway.access")) is None
             _finish(request, record, status, meters)  # type: ignore[arg-type]
         finally:
             root.removeFilter(keep)
@@ -80,7 +80,7 @@ def test_fast_access_line_is_the_structlog_line(capsys) -> None:
     keys, data = _without_time(fast)
     assert data["model"] == f"llama {mask(SECRET)} é"
     assert data["request_id"] == "req-1" and data["worker"] == "w1"
-    assert data["logger"] == "gateway.client_keys" and data["level"] == "info"
+    assert data["logger"] == "gateway.access" and data["level"] == "info"
     assert keys[0] == "method" and keys[-2:] == ["level", "logger"]
 
 
