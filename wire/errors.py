@@ -192,17 +192,6 @@ def _with_retry_after(headers: Mapping[str, str] | None, retry_after: int | None
     return out
 
 
-def error_response(
-    status: int,
-    message: str,
-    type_: str = INVALID_REQUEST,
-    param: str | None = None,
-    code: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> web.Response:
-    return APIError(status, message, type_, param, code, headers).to_response()
-
-
 # aiohttp raises these for requests that never reach a handler's own logic.
 _HTTP_ERRORS: dict[int, tuple[str, str]] = {
     404: (NOT_FOUND, "not_found"),
@@ -222,7 +211,7 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
     else:
         message = exc.reason
     headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-    return error_response(exc.status, message, type_, None, code, headers)
+    return APIError(exc.status, message, type_, code=code, headers=headers).to_response()
 
 
 def error_response_for(request: web.Request, exc: Exception) -> web.Response:
@@ -236,9 +225,7 @@ def error_response_for(request: web.Request, exc: Exception) -> web.Response:
         return _from_http_exception(exc)
     # The traceback goes to the log (with the request id bound there), never to the client.
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
-    return error_response(
-        500, "Internal error; it has been logged.", SERVER_ERROR, None, "internal_error"
-    )
+    return APIError.internal("Internal error; it has been logged.").to_response()
 
 
 @web.middleware
