@@ -36,7 +36,6 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: list[int]
-    is_demo: bool
     created: int  # load time, for /v1/models
 
 
@@ -119,6 +118,5 @@ def load(settings: Settings) -> LoadedModel:
         dtype=dtype,
         max_model_len=max_model_len,
         eos_token_ids=eos_ids,
-        is_demo=is_demo,
         created=int(time.time()),
     )
