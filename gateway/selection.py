@@ -4,7 +4,7 @@ request. The proxy tries them in that order, skipping ones that cannot take it."
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.backends import Backends
@@ -61,13 +61,16 @@ class Policies:
         key = (route.public_id, route.strategy)
         policy = self._by_route.get(key)
         if policy is None:
-            policy = self._by_route[key] = _make(route.strategy)
+            policy = self._by_route[key] = make_policy(route.strategy)
         return policy
 
 
-def _make(strategy: str) -> Policy:
-    if strategy == "weighted-round-robin":
-        return WeightedRoundRobin()
-    if strategy == "priority":
-        return Priority()
-    return LeastBusy()
+STRATEGIES: dict[str, Callable[[], Policy]] = {
+    "least-busy": LeastBusy,
+    "weighted-round-robin": WeightedRoundRobin,
+    "priority": Priority,
+}
+
+
+def make_policy(strategy: str) -> Policy:
+    return STRATEGIES.get(strategy, LeastBusy)()
