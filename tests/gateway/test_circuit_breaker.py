@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.state import BACKENDS, METRICS
 from tests.gateway.backend import Received, answering, chunk, ok_after, slow_stream, sse, start_sse
 from tests.gateway.configs import multi
+from tests.gateway.waiting import health_of, state_of, until
 
 
 async def test_failing_backend_is_ejected_then_probed_back(
@@ -39,7 +40,7 @@ async def test_failing_backend_is_ejected_then_probed_back(
 
     # after the cooldown one request probes it; it has recovered, so it takes traffic again
     flaky.handler = lambda request, received: ok_after(0)
-    await asyncio.sleep(1.1)
+    await until(lambda: health_of(gw.app, flaky.port) == "half-open", what="the cooldown")
     await client.chat.completions.create(model="m", messages=[])
     assert len(flaky.received) == 3
     async with http.get(gw.url + "/debug") as response:
@@ -56,7 +57,7 @@ async def test_failed_probe_ejects_again(make_gateway, make_backend) -> None:
     gw = await make_gateway(cfg)
     client = gw.openai()
     await client.chat.completions.create(model="m", messages=[])
-    await asyncio.sleep(0.6)
+    await until(lambda: health_of(gw.app, flaky.port) == "half-open", what="the cooldown")
     await client.chat.completions.create(model="m", messages=[])  # the probe fails
     await client.chat.completions.create(model="m", messages=[])
     assert len(flaky.received) == 2
@@ -111,11 +112,14 @@ async def test_probe_abandoned_by_its_client_does_not_block_the_backend(
     gw = await make_gateway(cfg)
     with pytest.raises(openai.InternalServerError):
         await gw.openai().chat.completions.create(model="m", messages=[])
-    await asyncio.sleep(0.4)
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.3):
-            await http.post(gw.url + "/v1/chat/completions", json={"model": "m"})
-    await asyncio.sleep(0.2)
+    await until(lambda: health_of(gw.app, backend.port) == "half-open", what="the cooldown")
+    probe = asyncio.create_task(http.post(gw.url + "/v1/chat/completions", json={"model": "m"}))
+    await until(lambda: calls == 2, what="the probe reaching the backend")
+    probe.cancel()  # its client gives up
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    state = state_of(gw.app, backend.port)
+    await until(lambda: state.in_flight == 0, what="the gateway giving up the abandoned probe")
     completion = await gw.openai().chat.completions.create(model="m", messages=[])
     assert completion.model == "m" and calls == 3
 
