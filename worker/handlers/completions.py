@@ -20,14 +20,19 @@ from worker.handlers.common import check_model, parse, read_json, ready_state
 from worker.handlers.render import ChatRenderer, ChoiceRenderer, TextRenderer
 from worker.prompts import PromptError, chat_prompt_ids, text_prompt_ids
 from worker.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from worker.sampling import SamplingParams
+from worker.sampling import SamplingDefaults, SamplingParams
 from worker.state import WorkerState
 
 log = structlog.get_logger(__name__)
 
 
 def sampling_params(
-    req: SamplingFields, max_tokens: int | None, prompt_len: int, max_model_len: int, param: str
+    req: SamplingFields,
+    max_tokens: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    param: str,
+    defaults: SamplingDefaults,
 ) -> SamplingParams:
     room = max_model_len - prompt_len
     if room < 1:
@@ -49,9 +54,9 @@ def sampling_params(
         )
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(0, req.top_k or 0),
+        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        top_p=defaults.top_p if req.top_p is None else req.top_p,
+        top_k=defaults.top_k if req.top_k is None else max(0, req.top_k),
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
@@ -87,7 +92,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except PromptError as exc:
         raise APIError.bad_request(str(exc), param=exc.param, code="invalid_prompt") from None
     params = sampling_params(
-        req, req.requested_max_tokens, len(prompt_ids), state.loaded.max_model_len, "messages"
+        req,
+        req.requested_max_tokens,
+        len(prompt_ids),
+        state.loaded.max_model_len,
+        "messages",
+        state.loaded.sampling_defaults,
     )
     renderer = ChatRenderer(req.model)
     prompts, choice_params = _choices([prompt_ids], [params], req.n)
@@ -103,9 +113,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
         prompts = [text_prompt_ids(state.loaded.tokenizer, p) for p in req.prompts()]
     except (PromptError, ValueError) as exc:
         raise APIError.bad_request(str(exc), param="prompt", code="invalid_prompt") from None
-    max_len = state.loaded.max_model_len
+    max_len, defaults = state.loaded.max_model_len, state.loaded.sampling_defaults
     params = [
-        sampling_params(req, req.requested_max_tokens, len(p), max_len, "prompt") for p in prompts
+        sampling_params(req, req.requested_max_tokens, len(p), max_len, "prompt", defaults)
+        for p in prompts
     ]
     renderer = TextRenderer(req.model)
     prompts, params = _choices(prompts, params, req.n)
