@@ -45,19 +45,25 @@ def _redacting(redactor: Redactor) -> structlog.types.Processor:
     return processor
 
 
-_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
-
-
-def _timestamp() -> str:
+class _Timestamps:
     """What structlog's TimeStamper(fmt="iso", utc=True) writes (`isoformat()`: microseconds
     unless they are 0), with the date and time formatted once per second: `datetime.now`
     and `isoformat` cost more than the rest of the access line's bookkeeping."""
-    now = time.time()
-    second = int(now)
-    micro = int((now - second) * 1_000_000)
-    if second != _second[0]:
-        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{micro:06d}Z" if micro else _second[1] + "Z"
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1  # the last whole second formatted, and its text
+        self._text = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        micro = int((now - second) * 1_000_000)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._text}.{micro:06d}Z" if micro else self._text + "Z"
 
 
 class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -71,11 +77,12 @@ class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any, redactor: Redactor) -> None:
         super().__init__(stream)
         self.redactor = redactor
+        self._timestamps = _Timestamps()
 
     def write_event(self, logger: str, level: str, event: dict[str, Any]) -> None:
         event["level"] = level
         event["logger"] = logger
-        event["timestamp"] = _timestamp()
+        event["timestamp"] = self._timestamps.now()
         redactor = self.redactor
         line = render_json(event)
         # One search of the rendered line, when no secret is written differently in JSON

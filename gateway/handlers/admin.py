@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from yarl import URL
 
 from gateway.backends import Backends
-from gateway.observe import record_of
+from gateway.middleware import record_of
 from gateway.redact import mask
 from gateway.routing import Snapshot, Target
 from gateway.state import BACKENDS, DRAINING, LIMITER, METRICS, SETTINGS, STORE
@@ -40,7 +40,7 @@ def _require_admin(request: web.Request) -> None:
 
 
 async def health(request: web.Request) -> web.Response:
-    record_of(request).route = "health"
+    record_of(request).family = "health"
     return web.json_response({"status": "ok"})
 
 
@@ -98,7 +98,7 @@ def _masked_config(snapshot: Snapshot, backends: Backends) -> dict[str, Any]:
 
 
 async def debug(request: web.Request) -> web.Response:
-    record_of(request).route = "debug"
+    record_of(request).family = "debug"
     _require_admin(request)
     store = request.app[STORE]
     snapshot = store.current
@@ -119,7 +119,7 @@ async def debug(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     """200 when every model has a backend that can take requests; 503 with the detail when
     not, or while the gateway drains before stopping (so load balancers move on)."""
-    record_of(request).route = "ready"
+    record_of(request).family = "ready"
     if request.app[DRAINING].is_set():
         return web.json_response({"status": "draining"}, status=503)
     backends = request.app[BACKENDS]
@@ -144,7 +144,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    record_of(request).route = "reload"
+    record_of(request).family = "reload"
     _require_admin(request)
     outcome = request.app[STORE].reload("api")
     if not outcome.ok:
@@ -167,14 +167,14 @@ async def reload(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     """Requests and tokens per client key and model: summed over every gateway that shares
     the Redis when one is configured, else this process's since it started."""
-    record_of(request).route = "usage"
+    record_of(request).family = "usage"
     _require_admin(request)
     names = [key.name for key in request.app[STORE].current.config.keys]
     return web.json_response(await request.app[LIMITER].usage(names))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    record_of(request).route = "metrics"
+    record_of(request).family = "metrics"
     response = web.Response(body=request.app[METRICS].render())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

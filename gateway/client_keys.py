@@ -43,10 +43,6 @@ class KeyRing:
             caller = Caller(key.name, tuple(key.models), key.rpm, key.tpm, key.max_concurrent)
             self._entries.append((digest, caller))
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._entries)
-
     def authenticate(self, request: web.Request) -> Caller | None:
         """The caller, or None when no keys are configured; 401 for a missing or wrong key."""
         if not self._entries:

@@ -1,4 +1,5 @@
-"""Per-request record, request ids, and the access line + metrics written when a request ends."""
+"""The gateway's one middleware: per-request record, request ids, CORS, the error envelope,
+and the access line + metrics written when a request ends."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ _merge_context = structlog.contextvars.merge_contextvars
 @dataclass(slots=True)
 class RequestRecord:
     request_id: str
-    route: str = "other"
+    # The endpoint family (`chat.completions`, `models`, `health`): the metrics' `route` label.
+    family: str = "other"
     started: float = field(default_factory=time.monotonic)
     model: str | None = None  # as the client sent it (logged)
     route_id: str | None = None  # the configured id it matched (`ollama/*`): the metric label
@@ -94,8 +96,8 @@ class Meters:
         child = self._child
         model = self.metrics.model_label(record.route_id or record.model)
         code = str(status)
-        child("requests", model, record.route, code).inc()
-        child("duration", model, record.route).observe(duration)
+        child("requests", model, record.family, code).inc()
+        child("duration", model, record.family).observe(duration)
         ttft = None
         if record.first_byte_at is not None:
             ttft = record.first_byte_at - record.started
@@ -199,7 +201,7 @@ def _finish(request: web.Request, record: RequestRecord, status: int, meters: Me
     duration = time.monotonic() - record.started
     ttft = meters.finish(record, status, duration)
 
-    quiet = record.route in ("health", "metrics")
+    quiet = record.family in ("health", "metrics")
     handler = fast_json_handler(_ACCESS_LOGGER)
     if handler is not None and not _ACCESS_LOGGER.isEnabledFor(
         logging.DEBUG if quiet else logging.INFO
