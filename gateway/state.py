@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -11,6 +12,7 @@ from aiohttp import web
 from gateway.admission import AdmissionControl
 from gateway.backends import Backends
 from gateway.catalog import Catalog
+from gateway.config import env_value
 from gateway.metrics import Metrics
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
@@ -23,6 +25,16 @@ class Settings:
 
     admin_key: str | None = None
     allow_origins: tuple[str, ...] | None = None  # None: take the config file's
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        origins = env_value(env, "ALLOW_ORIGINS")
+        return cls(
+            admin_key=env_value(env, "GATEWAY_ADMIN_KEY"),
+            allow_origins=None
+            if origins is None
+            else tuple(o.strip() for o in origins.split(",") if o.strip()),
+        )
 
 
 STORE = web.AppKey("store", ConfigStore)
