@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -198,12 +200,11 @@ class _EventRewriter:
         if payload is None or (source.find(b'"usage"') == -1 and source.find(b"\\") == -1):
             return data
         usage = usage_of(payload, source)
-        if not usage:
-            return data
-        self._record.prompt_tokens, self._record.completion_tokens = usage
-        if not self._strip_usage:
-            return data
-        return _without_usage(RewrittenEvent(data, payload, source), self._public_id)
+        if usage:
+            self._record.prompt_tokens, self._record.completion_tokens = usage
+        if self._strip_usage and payload.__class__ is dict and "usage" in payload:
+            return _without_usage(RewrittenEvent(data, payload, source), self._public_id)
+        return data
 
     async def end(self, response: web.StreamResponse, out: bytes) -> None:
         """The backend's body is over: a stream cut inside an event is a dead one."""
@@ -220,8 +221,10 @@ class _EventRewriter:
 
 def _without_usage(rewritten: RewrittenEvent, public_id: str) -> bytes | None:
     """The event as the client would have had it without the gateway's usage request: the
-    usage-only chunk disappears, and a chunk that also carries choices loses its `usage`."""
-    if not rewritten.payload.get("choices"):
+    usage-only chunk disappears, and a chunk that also carries choices loses its `usage`,
+    whether counts or the `"usage": null` vLLM puts on every chunk once usage is asked for."""
+    payload = rewritten.payload
+    if payload.get("usage") is not None and not payload.get("choices"):
         return None
     kept = _cut_usage(rewritten)
     if kept is not None:
@@ -234,22 +237,17 @@ def _cut_usage(rewritten: RewrittenEvent) -> bytes | None:
     """The event's JSON without its top-level `usage` member, cut out of the bytes; None
     unless the result reads as exactly the payload without `usage`."""
     payload, data = rewritten.payload, rewritten.data
-    usage = payload.get("usage")
-    if not isinstance(usage, dict) or not data.startswith(b"data: ") or data.count(b"\n") != 2:
+    if not data.startswith(b"data: ") or data.count(b"\n") != 2:
         return None
     text = data[6:-2]
-    try:
-        member = b'"usage":' + orjson.dumps(usage)  # as compact encoders (and orjson) write it
-    except TypeError:
+    span = _usage_member(text, payload.get("usage"))
+    if span is None:
         return None
-    at = text.find(member)
-    if at == -1 or text.find(member, at + 1) != -1:
-        return None
-    before, after = text[:at].rstrip(), text[at + len(member) :].lstrip()
+    before, after = text[: span[0]].rstrip(), text[span[1] :].lstrip()
     if before.endswith(b","):
         kept = before[:-1] + after
     elif after.startswith(b","):
-        kept = before + after[1:]
+        kept = before + after[1:].lstrip()
     else:
         return None
     try:
@@ -258,6 +256,29 @@ def _cut_usage(rewritten: RewrittenEvent) -> bytes | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return kept
+
+
+# `"usage": null`, however the backend spaced it.
+_NULL_USAGE = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*null')
+
+
+def _usage_member(text: bytes, usage: Any) -> tuple[int, int] | None:
+    """Where the one top-level `usage` member is in the event's JSON, or None when it cannot
+    be found for certain (the caller then checks the cut against the payload anyway)."""
+    if usage is None:
+        found = _NULL_USAGE.findall(text)
+        match = _NULL_USAGE.search(text) if len(found) == 1 else None
+        return None if match is None else match.span()
+    if not isinstance(usage, dict):
+        return None
+    try:
+        member = b'"usage":' + orjson.dumps(usage)  # as compact encoders (and orjson) write it
+    except TypeError:
+        return None
+    at = text.find(member)
+    if at == -1 or text.find(member, at + 1) != -1:
+        return None
+    return at, at + len(member)
 
 
 async def _end_with_error(
