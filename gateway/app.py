@@ -36,6 +36,7 @@ from gateway.state import (
     SETTINGS,
     STARTED,
     STORE,
+    USAGE_LOG,
     Settings,
 )
 from gateway.upstream import make_session
@@ -81,7 +82,9 @@ def build_app(
                 backends.state(target)
 
     store.subscribe(on_reload)
-    usage_log = UsageLog()
+    usage_log = UsageLog(
+        on_error=lambda reason, lines: metrics.usage_log_errors.labels(reason).inc(lines)
+    )
 
     app = web.Application(
         middlewares=[
@@ -102,6 +105,7 @@ def build_app(
     app[LIMITER] = limits
     app[CLOSING] = closing
     app[STARTED] = int(time.time())  # `created` of every model card
+    app[USAGE_LOG] = usage_log
     app.on_response_prepare.append(add_response_headers)
     app.on_cleanup.append(lambda _: _close(usage_log))
     app.on_cleanup.append(lambda _: limits.close())
@@ -118,7 +122,7 @@ def build_app(
 
 
 async def _close(usage_log: UsageLog) -> None:
-    usage_log.close()
+    await asyncio.to_thread(usage_log.close)  # it waits for the writer: not on the loop
 
 
 def _use_redis(

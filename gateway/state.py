@@ -17,6 +17,7 @@ from gateway.metrics import Metrics
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
 from gateway.selection import Policies
+from gateway.usagelog import UsageLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,5 +51,6 @@ CATALOG = web.AppKey("catalog", Catalog)
 LIMITER = web.AppKey("limiter", AdmissionControl)
 # When the app was built (epoch seconds): the `created` of every model card.
 STARTED = web.AppKey("started", int)
+USAGE_LOG = web.AppKey("usage_log", UsageLog)
 # Replaced Redis clients being closed: held here so their tasks are not collected midway.
 CLOSING = web.AppKey("closing", set)
