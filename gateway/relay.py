@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from gateway.rewrite import (
     RewrittenEvent,
     dumps,
     loads,
+    response_id_of,
     rewrite_event,
     rewrite_json_body,
     usage_of,
@@ -66,14 +67,16 @@ async def relay(
     record: RequestRecord,
     deadline: Deadline,
     redactor: Redactor,
+    on_created: Callable[[str], None] | None = None,
 ) -> web.StreamResponse:
-    """The answer to the client, in the shape the backend's response calls for."""
+    """The answer to the client, in the shape the backend's response calls for.
+    `on_created` hears the id of a Responses API object the answer carries."""
     upstream, hop = answer.response, answer.hop
     record.upstream_status = upstream.status
     if is_event_stream(upstream):
-        return await _relay_events(request, answer, record, deadline)
+        return await _relay_events(request, answer, record, deadline, on_created)
     if is_json_like(upstream):
-        return await _relay_json(upstream, hop, record, answer.head, redactor)
+        return await _relay_json(upstream, hop, record, answer.head, redactor, on_created)
     return await _relay_bytes(request, upstream, hop, record, _body(answer, deadline))
 
 
@@ -92,6 +95,7 @@ async def _relay_json(
     record: RequestRecord,
     body: bytes,
     redactor: Redactor,
+    on_created: Callable[[str], None] | None,
 ) -> web.Response:
     record.first_byte_at = time.monotonic()
     headers = _headers(upstream, hop)
@@ -114,11 +118,17 @@ async def _relay_json(
         record.prompt_tokens, record.completion_tokens = rewritten.usage
     if rewritten.upstream_model:
         headers[UPSTREAM_MODEL_HEADER] = rewritten.upstream_model
+    if on_created is not None and rewritten.response_id is not None:
+        on_created(rewritten.response_id)
     return web.Response(status=upstream.status, body=rewritten.body, headers=headers)
 
 
 async def _relay_events(
-    request: web.Request, answer: BackendAnswer, record: RequestRecord, deadline: Deadline
+    request: web.Request,
+    answer: BackendAnswer,
+    record: RequestRecord,
+    deadline: Deadline,
+    on_created: Callable[[str], None] | None,
 ) -> web.StreamResponse:
     upstream, hop = answer.response, answer.hop
     response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
@@ -127,7 +137,7 @@ async def _relay_events(
     response.headers["X-Accel-Buffering"] = "no"
     await response.prepare(request)
     record.streamed = True
-    events = _EventRewriter(hop.public_id, record, answer.usage_added)
+    events = _EventRewriter(hop.public_id, record, answer.usage_added, on_created)
     reader = None if answer.complete else BodyReader(upstream, hop, deadline)
     try:
         await _pump_events(response, events, reader, answer.head)
@@ -168,9 +178,16 @@ class _EventRewriter:
     """One stream's events on their way to the client: the public id put in, usage read,
     and what the gateway itself asked for taken out."""
 
-    __slots__ = ("_public_id", "_record", "_splitter", "_strip_usage", "_swap")
+    __slots__ = ("_on_created", "_public_id", "_record", "_splitter", "_strip_usage", "_swap")
 
-    def __init__(self, public_id: str, record: RequestRecord, strip_usage: bool) -> None:
+    def __init__(
+        self,
+        public_id: str,
+        record: RequestRecord,
+        strip_usage: bool,
+        on_created: Callable[[str], None] | None = None,
+    ) -> None:
+        self._on_created = on_created  # until the stream has named its response
         self._public_id = public_id
         self._record = record
         self._strip_usage = strip_usage
@@ -195,6 +212,8 @@ class _EventRewriter:
             data, payload, source = rewritten.data, rewritten.payload, rewritten.source
         else:
             data, payload, source = swapped
+        if self._on_created is not None:
+            self._created(payload)
         # `usage` is read only where it can be: its key in the bytes, or escapes
         # (find, not `in`: see rewrite._model_value).
         if payload is None or (source.find(b'"usage"') == -1 and source.find(b"\\") == -1):
@@ -205,6 +224,13 @@ class _EventRewriter:
         if self._strip_usage and payload.__class__ is dict and "usage" in payload:
             return _without_usage(RewrittenEvent(data, payload, source), self._public_id)
         return data
+
+    def _created(self, payload: Any) -> None:
+        """`response.created`, the first event of a Responses API stream, names the object."""
+        found = response_id_of(payload)
+        if found is not None and self._on_created is not None:
+            self._on_created(found)
+            self._on_created = None
 
     async def end(self, response: web.StreamResponse, out: bytes) -> None:
         """The backend's body is over: a stream cut inside an event is a dead one."""

@@ -16,16 +16,23 @@ _INCLUDE_USAGE_MEMBER = b'"stream_options":{"include_usage":true}'
 class RequestBody:
     """The request body with its `model` found, ready to be rewritten for a route."""
 
-    def __init__(self, content_type: str, raw: bytes) -> None:
+    def __init__(self, content_type: str, raw: bytes, model: str | None = None) -> None:
         self.raw = raw
         self.content_type = content_type
         self._boundary = (
             boundary_of(content_type)
-            if content_type.lower().startswith("multipart/form-data")
+            if model is None and content_type.lower().startswith("multipart/form-data")
             else None
         )
         self.payload: dict[str, Any] | None = None
-        self.model = self._find_model()
+        self._as_sent = model is not None
+        self.model = self._find_model() if model is None else model
+
+    @classmethod
+    def as_sent(cls, content_type: str, raw: bytes, model: str) -> RequestBody:
+        """A body that names no model (a request about an object), for a route chosen by
+        `model`: passed to the backend as the client sent it."""
+        return cls(content_type, raw, model)
 
     def _find_model(self) -> str:
         if self._boundary is not None:
@@ -63,6 +70,8 @@ class RequestBody:
         """The body as this backend gets it: its model name (and `stream_options` when the
         gateway asks for usage). Only the model's bytes change (and stream_options is added)
         where that is provably what re-encoding would give; re-encoding is for the rest."""
+        if self._as_sent:
+            return self.raw
         if self._boundary is not None:
             return replace_model_field(self.raw, self._boundary, hop.upstream_model)[1]
         assert self.payload is not None

@@ -14,6 +14,7 @@ from gateway.backends import Backends
 from gateway.catalog import Catalog
 from gateway.config import env_value
 from gateway.metrics import Metrics
+from gateway.object_routes import ObjectRoutes
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
 from gateway.selection import Policies
@@ -52,5 +53,7 @@ LIMITER = web.AppKey("limiter", AdmissionControl)
 # When the app was built (epoch seconds): the `created` of every model card.
 STARTED = web.AppKey("started", int)
 USAGE_LOG = web.AppKey("usage_log", UsageLog)
+# Which backend created each Responses API object, for requests that name one.
+OBJECTS = web.AppKey("objects", ObjectRoutes)
 # Replaced Redis clients being closed: held here so their tasks are not collected midway.
 CLOSING = web.AppKey("closing", set)
