@@ -18,6 +18,7 @@ from gateway.redact import mask
 from gateway.routing import Snapshot, Target
 from gateway.state import BACKENDS, DRAINING, LIMITER, METRICS, SETTINGS, STORE
 from wire.errors import AUTHENTICATION, INVALID_REQUEST, APIError
+from wire.headers import bearer_token
 from wire.protocol_errors import expect_continue
 
 
@@ -26,11 +27,8 @@ def _require_admin(request: web.Request) -> None:
     admin_key = request.app[SETTINGS].admin_key
     if not admin_key:
         return
-    given = request.headers.get("Authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), admin_key.encode()
-    ):
+    token = bearer_token(request.headers.get("Authorization")) or ""
+    if not hmac.compare_digest(token.encode(), admin_key.encode()):
         raise APIError(
             401,
             "This endpoint needs the admin key: 'Authorization: Bearer <GATEWAY_ADMIN_KEY>'.",

@@ -11,8 +11,9 @@ import structlog
 
 from gateway.logs import configure_logging, fast_json_handler, render_json
 from gateway.metrics import Metrics
-from gateway.middleware import Meters, RequestRecord, _finish, new_request_id
+from gateway.middleware import Meters, RequestRecord, _finish
 from gateway.redact import Redactor, mask
+from wire.headers import new_request_id
 
 SECRET = "sk-abcdefghijklmnop-1234"
 
