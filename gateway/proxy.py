@@ -36,7 +36,7 @@ from gateway.upstream import (
     open_response,
     upstream_url,
 )
-from wire.errors import UPSTREAM_ERROR, APIError
+from wire.errors import APIError
 from wire.sse import EventTooLarge, SSESplitter
 
 log = structlog.get_logger("gateway.proxy")
@@ -105,16 +105,14 @@ class ProxiedRequest:
             answer, ticket = await self._attempts()
         except UpstreamError as exc:
             self.record.error = exc.kind
-            raise APIError(exc.status, exc.message, UPSTREAM_ERROR, None, exc.kind) from None
+            raise APIError.upstream(exc.status, exc.message, code=exc.kind) from None
         except NoBackend as exc:
             self.record.error = exc.code
-            raise APIError(
+            raise APIError.upstream(
                 exc.status,
                 exc.message,
-                UPSTREAM_ERROR,
-                None,
-                exc.code,
-                headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+                code=exc.code,
+                retry_after=max(1, round(exc.retry_after)),
             ) from None
         return await self._relay(request, answer, ticket)
 

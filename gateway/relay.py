@@ -29,6 +29,7 @@ from gateway.rewrite import (
 from gateway.routing import Hop
 from gateway.upstream import BodyReader, Deadline, UpstreamError, read_chunks, returned_headers
 from wire.errors import UPSTREAM_ERROR, error_payload
+from wire.protocol import NO_BUFFERING
 from wire.sse import EventTooLarge, SSESplitter, encode_data
 
 UPSTREAM_MODEL_HEADER = "x-gateway-upstream-model"
@@ -109,7 +110,7 @@ async def _relay_json(
             text = body.decode("utf-8", "replace").strip()[:2000]
             message = f"backend for model '{hop.public_id}' answered {upstream.status}: {text}"
             body = json.dumps(
-                error_payload(message, UPSTREAM_ERROR, None, "upstream_error")
+                error_payload(message, type_=UPSTREAM_ERROR, code="upstream_error")
             ).encode()
             headers["Content-Type"] = "application/json"
         return web.Response(status=upstream.status, body=body, headers=headers)
@@ -132,9 +133,8 @@ async def _relay_events(
 ) -> web.StreamResponse:
     upstream, hop = answer.response, answer.hop
     response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
-    response.headers["Cache-Control"] = "no-cache"
-    # Tell an nginx in front of us not to buffer the stream either.
-    response.headers["X-Accel-Buffering"] = "no"
+    # No caching, and tell an nginx in front of us not to buffer the stream either.
+    response.headers.update(NO_BUFFERING)
     await response.prepare(request)
     record.streamed = True
     events = _EventRewriter(hop.public_id, record, answer.usage_added, on_created)
@@ -312,7 +312,9 @@ async def _end_with_error(
 ) -> None:
     """End a stream that already started so that no client can take it for a finished one."""
     record.fail(exc.kind)
-    await response.write(encode_data(error_payload(exc.message, UPSTREAM_ERROR, None, exc.kind)))
+    await response.write(
+        encode_data(error_payload(exc.message, type_=UPSTREAM_ERROR, code=exc.kind))
+    )
     await response.write_eof()
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from gateway.multipart import boundary_of, replace_model_field
 from gateway.rewrite import dumps, loads, splice_models
 from gateway.routing import Hop
-from wire.errors import INVALID_REQUEST, APIError
+from wire.errors import APIError
 
 _INCLUDE_USAGE_MEMBER = b'"stream_options":{"include_usage":true}'
 
@@ -47,12 +47,8 @@ class RequestBody:
         if model is None:
             raise missing_model()
         if not isinstance(model, str) or not model:
-            raise APIError(
-                400,
-                "'model' must be a non-empty string.",
-                INVALID_REQUEST,
-                "model",
-                "invalid_model",
+            raise APIError.bad_request(
+                "'model' must be a non-empty string.", code="invalid_model", param="model"
             )
         self.payload = payload
         return model
@@ -106,34 +102,23 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         payload = loads(raw)
     except RecursionError:
-        raise APIError(
-            400, "The JSON body is nested too deeply.", INVALID_REQUEST, None, "invalid_json"
+        raise APIError.bad_request(
+            "The JSON body is nested too deeply.", code="invalid_json"
         ) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(
-            400,
+        raise APIError.bad_request(
             f"We could not parse the JSON body of your request ({exc}). "
             "The body must be a JSON object.",
-            INVALID_REQUEST,
-            None,
-            "invalid_json",
+            code="invalid_json",
         ) from None
     if not isinstance(payload, dict):
-        raise APIError(
-            400,
-            "The request body must be a JSON object.",
-            INVALID_REQUEST,
-            None,
-            "invalid_json",
-        )
+        raise APIError.bad_request("The request body must be a JSON object.", code="invalid_json")
     return payload
 
 
 def missing_model() -> APIError:
-    return APIError(
-        400,
+    return APIError.bad_request(
         "You must provide a model parameter: the gateway routes each request by its 'model'.",
-        INVALID_REQUEST,
-        "model",
-        "missing_model",
+        code="missing_model",
+        param="model",
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -30,7 +29,8 @@ from gateway.state import (
     STORE,
 )
 from gateway.upstream import Deadline
-from wire.errors import INVALID_REQUEST, APIError
+from wire.errors import APIError
+from wire.protocol import ModelCard, model_card, model_list
 from wire.protocol_errors import expect_continue
 
 # Endpoint families with a name of their own in metrics; any other path is "passthrough".
@@ -43,17 +43,11 @@ FAMILIES = {
 _USAGE_STREAMS = ("chat/completions", "completions")
 
 
-def _model_card(model_id: str, name: str, created: int) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "gateway",
-        "name": name,
-    }
+def _model_card(model_id: str, name: str, created: int) -> ModelCard:
+    return model_card(model_id, created=created, owned_by="gateway", name=name)
 
 
-def _cards(route: Route, catalog: Catalog, created: int) -> list[dict[str, Any]]:
+def _cards(route: Route, catalog: Catalog, created: int) -> list[ModelCard]:
     """One card per public model, never per replica; a wildcard route lists what its backend
     serves (as last fetched), never the pattern itself."""
     if not route.wildcard:
@@ -82,7 +76,7 @@ async def list_models(request: web.Request) -> web.Response:
         for card in _cards(route, catalog, created)
         if caller is None or caller.may_use(card["id"])
     ]
-    return web.json_response({"object": "list", "data": data})
+    return web.json_response(model_list(data))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -112,22 +106,16 @@ def _unknown_model(model: str, snapshot: Snapshot, caller: Caller | None = None)
     # A key sees only the models it may use, even in this message.
     visible = [m for m in snapshot.routes if caller is None or caller.may_use(m)]
     available = ", ".join(visible) or "(none)"
-    return APIError(
-        404,
+    return APIError.not_found(
         f"The model '{model}' does not exist. Available models: {available}.",
-        INVALID_REQUEST,
-        "model",
-        "model_not_found",
+        code="model_not_found",
+        param="model",
     )
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(
-        413,
-        f"Request body is larger than the gateway's limit of {limit} bytes (maxRequestBytes).",
-        INVALID_REQUEST,
-        None,
-        "request_too_large",
+    return APIError.too_large(
+        f"Request body is larger than the gateway's limit of {limit} bytes (maxRequestBytes)."
     )
 
 
@@ -151,8 +139,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             body += chunk
     except RequestPayloadError as exc:
         # e.g. a body that is not the gzip its Content-Encoding says it is
-        raise APIError(
-            400, f"Could not read the request body: {exc}.", INVALID_REQUEST, None, "invalid_body"
+        raise APIError.bad_request(
+            f"Could not read the request body: {exc}.", code="invalid_body"
         ) from None
 
 
@@ -164,12 +152,8 @@ def _checked_tail(request: web.Request) -> str:
     for segment in tail.split("/"):
         decoded = unquote(segment)
         if decoded in ("", ".", "..") or "/" in decoded or "\\" in decoded:
-            raise APIError(
-                400,
-                f"Invalid request path '{request.path}'.",
-                INVALID_REQUEST,
-                None,
-                "invalid_path",
+            raise APIError.bad_request(
+                f"Invalid request path '{request.path}'.", code="invalid_path"
             )
     return tail
 
@@ -219,13 +203,10 @@ async def _by_object(
     if entry is not None and route is not None and (caller is None or caller.name == entry.key):
         target = next((t for t in route.targets if t.key == entry.target), None)
     if entry is None or route is None or target is None:
-        raise APIError(
-            404,
+        raise APIError.not_found(
             f"No response with id '{object_id}' was created through this gateway "
             "(or it has expired).",
-            INVALID_REQUEST,
-            None,
-            "not_found",
+            code="not_found",
         )
     authorize(caller, entry.model)
     record_of(request).model = entry.model[:200]
