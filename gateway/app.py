@@ -19,6 +19,7 @@ from gateway.health import run_health_checks
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics
 from gateway.middleware import access_middleware, add_response_headers
+from gateway.object_routes import ObjectRoutes, close_client
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore, ReloadOutcome, run_watcher
 from gateway.routing import Snapshot
@@ -30,12 +31,14 @@ from gateway.state import (
     DRAINING,
     LIMITER,
     METRICS,
+    OBJECTS,
     POLICIES,
     REDACTOR,
     SESSION,
     SETTINGS,
     STARTED,
     STORE,
+    USAGE_LOG,
     Settings,
 )
 from gateway.upstream import make_session
@@ -68,20 +71,23 @@ def build_app(
     )
     # Closing a replaced Redis client is async; the reload that replaced it is not.
     closing: set[asyncio.Task[None]] = set()
-    _use_redis(limits, store.current, closing)
+    objects = ObjectRoutes(on_redis_error=metrics.redis_errors.inc)
+    _use_redis(limits, objects, store.current, closing)
 
     def on_reload(outcome: ReloadOutcome, snapshot: Snapshot) -> None:
         metrics.reloads.labels("ok" if outcome.ok else "error", outcome.trigger).inc()
         if outcome.ok:
             redactor.add(snapshot.secrets())
-            _use_redis(limits, snapshot, closing)
+            _use_redis(limits, objects, snapshot, closing)
             metrics.set_models(snapshot.routes)
             backends.retain(set(snapshot.targets()))
             for target in snapshot.targets().values():
                 backends.state(target)
 
     store.subscribe(on_reload)
-    usage_log = UsageLog()
+    usage_log = UsageLog(
+        on_error=lambda reason, lines: metrics.usage_log_errors.labels(reason).inc(lines)
+    )
 
     app = web.Application(
         middlewares=[
@@ -102,9 +108,12 @@ def build_app(
     app[LIMITER] = limits
     app[CLOSING] = closing
     app[STARTED] = int(time.time())  # `created` of every model card
+    app[USAGE_LOG] = usage_log
+    app[OBJECTS] = objects
     app.on_response_prepare.append(add_response_headers)
     app.on_cleanup.append(lambda _: _close(usage_log))
     app.on_cleanup.append(lambda _: limits.close())
+    app.on_cleanup.append(lambda _: objects.close())
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(background(run_health_checks))
     app.cleanup_ctx.append(background(run_discovery))
@@ -118,18 +127,27 @@ def build_app(
 
 
 async def _close(usage_log: UsageLog) -> None:
-    usage_log.close()
+    await asyncio.to_thread(usage_log.close)  # it waits for the writer: not on the loop
 
 
 def _use_redis(
-    limits: AdmissionControl, snapshot: Snapshot, closing: set[asyncio.Task[None]]
+    limits: AdmissionControl,
+    objects: ObjectRoutes,
+    snapshot: Snapshot,
+    closing: set[asyncio.Task[None]],
 ) -> None:
     config = snapshot.config
     replaced = limits.configure(config.redis_url, config.redis_fail_open)
-    if replaced is not None:  # the reload named another Redis
-        task = asyncio.get_running_loop().create_task(replaced.close())
-        closing.add(task)
-        task.add_done_callback(closing.discard)
+    replaced_client = objects.configure(config.redis_url)
+    # The reload named another Redis: the old clients close in the background.
+    for closed in (
+        None if replaced is None else replaced.close(),
+        None if replaced_client is None else close_client(replaced_client),
+    ):
+        if closed is not None:
+            task = asyncio.get_running_loop().create_task(closed)
+            closing.add(task)
+            task.add_done_callback(closing.discard)
 
 
 async def _sync_metrics(app: web.Application) -> None:

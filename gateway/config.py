@@ -290,6 +290,12 @@ def interpolate(
     return _VAR.sub(substitute, value)
 
 
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """A setting from the environment, None when unset or empty: compose's `${VAR:-}` sets
+    every variable it lists, so an empty one must mean "not given", never "given as nothing"."""
+    return env.get(name, "").strip() or None
+
+
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 

@@ -17,7 +17,7 @@ from gateway.middleware import record_of
 from gateway.redact import mask
 from gateway.routing import Snapshot, Target
 from gateway.state import BACKENDS, DRAINING, LIMITER, METRICS, SETTINGS, STORE
-from wire.errors import AUTHENTICATION, INVALID_REQUEST, APIError
+from wire.errors import APIError
 from wire.headers import bearer_token
 from wire.protocol_errors import expect_continue
 
@@ -29,13 +29,9 @@ def _require_admin(request: web.Request) -> None:
         return
     token = bearer_token(request.headers.get("Authorization")) or ""
     if not hmac.compare_digest(token.encode(), admin_key.encode()):
-        raise APIError(
-            401,
+        raise APIError.unauthorized(
             "This endpoint needs the admin key: 'Authorization: Bearer <GATEWAY_ADMIN_KEY>'.",
-            AUTHENTICATION,
-            None,
-            "invalid_admin_key",
-            headers={"WWW-Authenticate": "Bearer"},
+            code="invalid_admin_key",
         )
 
 
@@ -148,13 +144,10 @@ async def reload(request: web.Request) -> web.Response:
     _require_admin(request)
     outcome = request.app[STORE].reload("api")
     if not outcome.ok:
-        raise APIError(
-            400,
+        raise APIError.bad_request(
             "The config file is invalid; the previous config keeps serving. "
             + " ".join(f"{request.app[STORE].path}: {line}." for line in outcome.errors),
-            INVALID_REQUEST,
-            None,
-            "invalid_config",
+            code="invalid_config",
         )
     supervisor = os.environ.get("GATEWAY_SUPERVISOR_PID")
     if supervisor:
