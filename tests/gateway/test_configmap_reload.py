@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,31 +19,7 @@ from gateway.reload import ReloadOutcome
 from gateway.routing import Snapshot
 from gateway.server import bound_port, start
 from gateway.state import STORE
-
-
-class ConfigMapVolume:
-    """A folder laid out the way the kubelet lays out a mounted ConfigMap:
-    `gateway.json -> ..data/gateway.json`, `..data -> ..<timestamp>/`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.generation = 0
-
-    def publish(self, config: dict[str, Any]) -> None:
-        """One update, step by step as kubernetes' AtomicWriter does it."""
-        self.generation += 1
-        data = self.root / "..data"
-        old = os.readlink(data) if data.is_symlink() else None
-        folder = self.root / f"..2026_12_02_18_00_00.{self.generation:09d}"
-        folder.mkdir()
-        (folder / "gateway.json").write_text(json.dumps(config))
-        (self.root / "..data_tmp").symlink_to(folder.name)
-        os.rename(self.root / "..data_tmp", data)
-        link = self.root / "gateway.json"
-        if not link.is_symlink():
-            link.symlink_to("..data/gateway.json")
-        if old is not None:
-            shutil.rmtree(self.root / old)
+from tests.gateway.configmap import ConfigMapVolume
 
 
 def endpoints(*names: str, url: str) -> dict[str, Any]:
