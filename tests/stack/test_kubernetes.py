@@ -399,6 +399,9 @@ def pods(tmp_path_factory) -> Iterator[dict[str, Any]]:
         **env_of(docs, worker_spec, SECRETS),
         "WORKER_PORT": str(worker_port),
         "WORKER_HOST": "127.0.0.1",
+        # The random-weight demo model in place of SmolLM2, whose first start converts it;
+        # the served name stays the overlay's, so the gateway's wiring is what is checked.
+        "MODEL_PATH": "demo",
         "WORKER_CACHE_DIR": str(tmp / "cache"),
         "HF_HOME": str(tmp / "hf"),
         "HF_HUB_OFFLINE": "1",
@@ -486,7 +489,8 @@ def test_a_chat_goes_through_the_gateway_to_the_worker_with_the_secret_key(pods)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     models = client.models.list().data
     assert [m.id for m in models] == ["local"]
-    assert models[0].model_extra["name"] == "Local model (worker)"
+    display = env_of(pods["docs"], _spec, {})["WORKER_DISPLAY_NAME"]
+    assert models[0].model_extra["name"] == display
     reply = client.chat.completions.create(
         model="local", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
