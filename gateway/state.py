@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.admission import AdmissionControl
 from gateway.backends import Backends
 from gateway.catalog import Catalog
+from gateway.dns_discovery import DnsDiscovery
 from gateway.metrics import Metrics
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
@@ -40,3 +41,4 @@ LIMITER = web.AppKey("limiter", AdmissionControl)
 STARTED = web.AppKey("started", int)
 # Replaced Redis clients being closed: held here so their tasks are not collected midway.
 CLOSING = web.AppKey("closing", set)
+DNS = web.AppKey("dns", DnsDiscovery)

@@ -17,6 +17,7 @@ from gateway.routing import Route, Snapshot
 from gateway.state import (
     BACKENDS,
     CATALOG,
+    DNS,
     LIMITER,
     METRICS,
     POLICIES,
@@ -207,7 +208,14 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         wants_usage=body.wants_usage and tail in _USAGE_STREAMS,
     )
     proxied = ProxiedRequest(
-        app[SESSION], app[BACKENDS], app[POLICIES], app[REDACTOR], route, client, record, deadline
+        app[SESSION],
+        app[BACKENDS],
+        app[POLICIES],
+        app[REDACTOR],
+        app[DNS].expand(route),  # discovered backends: their addresses of the moment
+        client,
+        record,
+        deadline,
     )
     try:
         return await proxied.serve(request)
