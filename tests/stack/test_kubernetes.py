@@ -247,10 +247,18 @@ def test_model_servers_are_the_backends_the_map_names(overlay) -> None:
     endpoints = json.loads(find(docs, "ConfigMap", "gateway-config")["data"]["gateway.json"])[
         "endpoints"
     ]
-    local = [URL(e["url"]) for e in endpoints.values() if "svc" in e["url"] or "://" in e["url"]]
-    served = [u for u in local if u.host in (overlay,)]
-    assert served, f"the endpoint map names no {overlay} backend: {local}"
+    backends = [b for e in endpoints.values() for b in e.get("backends", [e])]
+    # In-cluster names: the Service's own, or its full name in the overlay's namespace.
+    names = {overlay, f"{overlay}.llm.svc.cluster.local"}
+    served = [URL(b["url"]) for b in backends if URL(b["url"]).host in names]
+    assert served, f"the endpoint map names no {overlay} backend: {backends}"
     service = find(docs, "Service", overlay)
+    assert service["metadata"]["namespace"] == "llm"
+    if overlay == "vllm":
+        # A headless Service: one address per ready pod, found by the gateway itself.
+        assert service["spec"]["clusterIP"] == "None"
+        discovered = [b for b in backends if URL(b["url"]).host in names]
+        assert all(b.get("discover") == "dns" for b in discovered), discovered
     spec = container(docs, "Deployment", overlay)
     for url in served:
         assert url.port == service["spec"]["ports"][0]["port"]
