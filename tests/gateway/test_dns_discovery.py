@@ -229,3 +229,16 @@ def test_discover_takes_only_dns(tmp_path) -> None:
     )
     with pytest.raises(ConfigError):
         load_config(path)
+
+
+async def test_an_empty_answer_counts_as_a_failure(make_gateway, servers) -> None:
+    """A headless Service with no ready pod answers nothing: the last good set keeps serving."""
+    table = Table("127.0.0.1")
+    gw = await discovering(make_gateway, servers, table)
+    await until(lambda: addresses(gw) == ["127.0.0.1"])
+    table.addresses = []
+    label = next(iter(gw.app[DNS].status()))
+    await until(lambda: gw.app[DNS].status()[label]["error"] == "no addresses")
+    assert addresses(gw) == ["127.0.0.1"]
+    reply = await gw.openai().chat.completions.create(model="llama", messages=[])
+    assert reply.model == "llama"
