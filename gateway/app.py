@@ -14,6 +14,7 @@ from gateway.backends import Backends
 from gateway.background import background
 from gateway.catalog import Catalog
 from gateway.discovery import run_discovery
+from gateway.dns_discovery import DnsDiscovery, run_dns_discovery
 from gateway.handlers import admin, openai
 from gateway.health import run_health_checks
 from gateway.logs import configure_logging
@@ -28,6 +29,7 @@ from gateway.state import (
     BACKENDS,
     CATALOG,
     CLOSING,
+    DNS,
     DRAINING,
     LIMITER,
     METRICS,
@@ -60,6 +62,8 @@ def build_app(
     for target in store.current.targets().values():
         backends.state(target)
     metrics.watch_backends(backends)
+    dns = DnsDiscovery(metrics.registry)
+    dns.configure(store.current)
     redactor = Redactor(store.current.secrets())
     if settings.admin_key:
         redactor.add([settings.admin_key])
@@ -80,7 +84,8 @@ def build_app(
             redactor.add(snapshot.secrets())
             _use_redis(limits, objects, snapshot, closing)
             metrics.set_models(snapshot.routes)
-            backends.retain(set(snapshot.targets()))
+            dns.configure(snapshot)
+            backends.retain(set(snapshot.targets()) | dns.target_keys())
             for target in snapshot.targets().values():
                 backends.state(target)
 
@@ -107,6 +112,7 @@ def build_app(
     app[CATALOG] = Catalog()
     app[LIMITER] = limits
     app[CLOSING] = closing
+    app[DNS] = dns
     app[STARTED] = int(time.time())  # `created` of every model card
     app[USAGE_LOG] = usage_log
     app[OBJECTS] = objects
@@ -117,6 +123,7 @@ def build_app(
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(background(run_health_checks))
     app.cleanup_ctx.append(background(run_discovery))
+    app.cleanup_ctx.append(background(lambda app: run_dns_discovery(dns, backends, store)))
     if metrics.multiprocess:
         app.cleanup_ctx.append(background(_sync_metrics))
     if watch:

@@ -13,6 +13,7 @@ from gateway.admission import AdmissionControl
 from gateway.backends import Backends
 from gateway.catalog import Catalog
 from gateway.config import env_value
+from gateway.dns_discovery import DnsDiscovery
 from gateway.metrics import Metrics
 from gateway.object_routes import ObjectRoutes
 from gateway.redact import Redactor
@@ -57,3 +58,4 @@ USAGE_LOG = web.AppKey("usage_log", UsageLog)
 OBJECTS = web.AppKey("objects", ObjectRoutes)
 # Replaced Redis clients being closed: held here so their tasks are not collected midway.
 CLOSING = web.AppKey("closing", set)
+DNS = web.AppKey("dns", DnsDiscovery)

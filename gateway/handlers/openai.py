@@ -19,6 +19,7 @@ from gateway.routing import Route, Snapshot
 from gateway.state import (
     BACKENDS,
     CATALOG,
+    DNS,
     LIMITER,
     METRICS,
     OBJECTS,
@@ -199,6 +200,8 @@ async def _by_object(
     another key's, or one whose backend is no longer configured: 404, as OpenAI answers."""
     entry = await request.app[OBJECTS].recall(object_id)
     route = None if entry is None else snapshot.resolve(entry.model)
+    if route is not None:  # the object's backend may be a discovered address
+        route = request.app[DNS].expand(route)
     target = None
     if entry is not None and route is not None and (caller is None or caller.name == entry.key):
         target = next((t for t in route.targets if t.key == entry.target), None)
@@ -226,6 +229,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     object_id = _object_named(tail, raw)
     if object_id is None:
         route, body = _by_model(request, snapshot, caller, raw)
+        route = request.app[DNS].expand(route)  # discovered backends: their addresses now
     else:
         route, body = await _by_object(request, snapshot, caller, object_id, raw)
     record.route_id = route.public_id
