@@ -10,7 +10,7 @@ MODEL ?= smollm2
 GATEWAY_PORT ?= 3333
 WORKER_PORT ?= 8000
 
-.PHONY: install run gateway worker test redis-server lint format clean
+.PHONY: install run gateway worker test bench-micro redis-server lint format clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ worker: $(STAMP)
 
 test: $(STAMP) $(COMPOSE_SCHEMA) redis-server
 	$(BIN)/python -m pytest
+
+## The micro-benchmarks beside the SSE splitter and the rewrite fast paths, timed
+## (`make test` runs them once each, untimed).
+bench-micro: $(STAMP)
+	$(BIN)/python -m pytest tests/gateway/test_bench_*.py --benchmark-enable --benchmark-only \
+		--benchmark-columns=min,median,mean,ops,rounds --benchmark-sort=name
 
 ## Debian's redis-server, which the shared-limits tests start on loopback (when missing).
 redis-server:

@@ -38,7 +38,6 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: list[int]
-    is_demo: bool
     created: int  # load time, for /v1/models
     # For requests that leave temperature/top_p/top_k out: the model's own recommendation.
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
@@ -92,7 +91,6 @@ def load(settings: Settings) -> LoadedModel:
 
     started = time.monotonic()
     torch.set_num_threads(settings.torch_threads or default_torch_threads())
-    is_demo = settings.model == demo.DEMO_NAME
     path, default_name, owner = model_source(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -134,7 +132,6 @@ def load(settings: Settings) -> LoadedModel:
         dtype=dtype,
         max_model_len=max_model_len,
         eos_token_ids=eos_ids,
-        is_demo=is_demo,
         created=int(time.time()),
         sampling_defaults=sampling_defaults,
     )

@@ -71,7 +71,11 @@ def cache_problem(path: Path, source: Path) -> str | None:
         return "made by another conversion version"
     if manifest.get("source_bytes") != source.stat().st_size:
         return "made from another GGUF file"
-    files = manifest.get("files")
+    return _files_problem(path, manifest.get("files"))
+
+
+def _files_problem(path: Path, files: object) -> str | None:
+    """Why the files a manifest lists are not all there, whole and readable."""
     if not isinstance(files, dict) or not files:
         return "manifest lists no files"
     for name, size in files.items():

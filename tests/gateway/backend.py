@@ -118,11 +118,12 @@ class FakeBackend:
     received: list[Received] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
+    host: str = "127.0.0.1"  # any 127.0.0.x: several backends can share one port
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     @property
     def last(self) -> Received:
@@ -134,7 +135,7 @@ class FakeBackend:
         # Like a real model server, notice a client that went away.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self
@@ -157,3 +158,31 @@ class FakeBackend:
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+
+
+async def ok_after(seconds: float, model: str = "m") -> web.Response:
+    """A plain completion answered after `seconds`."""
+    await asyncio.sleep(seconds)
+    return web.json_response({"model": model, "choices": [], "object": "chat.completion"})
+
+
+def answering(status: int, headers: dict[str, str] | None = None) -> BackendHandler:
+    """A handler that answers every request with `status` and an OpenAI-shaped error."""
+
+    async def handler(request: web.Request, received: Received) -> web.Response:
+        body = {
+            "error": {"message": f"backend says {status}", "type": "x", "param": None, "code": None}
+        }
+        return web.json_response(body, status=status, headers=headers or {})
+
+    return handler
+
+
+async def slow_stream(request: web.Request, received: Received) -> web.StreamResponse:
+    """Five chunks 0.1 s apart: keeps the backend busy for half a second."""
+    response = await start_sse(request)
+    for _ in range(5):
+        await response.write(sse(chunk("m", "x")))
+        await asyncio.sleep(0.1)
+    await response.write(b"data: [DONE]\n\n")
+    return response

@@ -3,7 +3,7 @@ headers, and the windows of this process.
 
 Sliding one-minute windows; tokens are counted from each response's `usage` when it ends,
 so a request is refused when the minute's tokens are already spent. gateway/redis_limits.py
-keeps the same windows in Redis for several processes; gateway/limiter.py picks the store."""
+keeps the same windows in Redis for several processes; gateway/admission.py picks the store."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from gateway.access import Caller
-from wire.errors import RATE_LIMIT, APIError
+from gateway.client_keys import Caller
+from wire.errors import APIError
 
 WINDOW = 60.0
 
@@ -49,13 +49,10 @@ def headers(caller: Caller, standing: Standing) -> dict[str, str]:
 
 def refusal(caller: Caller, standing: Standing, what: str, wait: float) -> APIError:
     retry = max(1, math.ceil(wait))
-    return APIError(
-        429,
+    return APIError.rate_limited(
         f"Rate limit reached for key '{caller.name}' on {what}. Please try again in {retry}s.",
-        RATE_LIMIT,
-        None,
-        "rate_limit_exceeded",
-        headers={"Retry-After": str(retry), **headers(caller, standing)},
+        retry_after=retry,
+        headers=headers(caller, standing),
     )
 
 

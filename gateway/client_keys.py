@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.config import ClientKey
-from wire.errors import INVALID_REQUEST, PERMISSION, APIError
+from wire.errors import INVALID_REQUEST, APIError
+from wire.headers import bearer_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,24 +43,16 @@ class KeyRing:
             caller = Caller(key.name, tuple(key.models), key.rpm, key.tpm, key.max_concurrent)
             self._entries.append((digest, caller))
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._entries)
-
     def authenticate(self, request: web.Request) -> Caller | None:
         """The caller, or None when no keys are configured; 401 for a missing or wrong key."""
         if not self._entries:
             return None
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(
-                401,
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            raise APIError.unauthorized(
                 "You didn't provide an API key. Send 'Authorization: Bearer <key>'.",
-                INVALID_REQUEST,
-                None,
-                "missing_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
+                code="missing_api_key",
+                type_=INVALID_REQUEST,
             )
         presented = hashlib.sha256(token.encode()).digest()
         found = None
@@ -68,23 +61,16 @@ class KeyRing:
             if hmac.compare_digest(presented, digest):
                 found = caller
         if found is None:
-            raise APIError(
-                401,
-                "Incorrect API key provided.",
-                INVALID_REQUEST,
-                None,
-                "invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
+            raise APIError.unauthorized(
+                "Incorrect API key provided.", code="invalid_api_key", type_=INVALID_REQUEST
             )
         return found
 
 
 def authorize(caller: Caller | None, model: str) -> None:
     if caller is not None and not caller.may_use(model):
-        raise APIError(
-            403,
+        raise APIError.forbidden(
             f"The key '{caller.name}' may not use the model '{model}'.",
-            PERMISSION,
-            "model",
-            "model_not_allowed",
+            code="model_not_allowed",
+            param="model",
         )
