@@ -53,7 +53,7 @@ def build_app(
     backends = Backends()
     for target in store.current.targets().values():
         backends.state(target)
-    metrics.watch_backends(backends)
+    metrics.watch_backends(backends, lambda: store.current.routes)
     redactor = Redactor(store.current.secrets())
     if settings.admin_key:
         redactor.add([settings.admin_key])
@@ -65,6 +65,7 @@ def build_app(
 
     def on_reload(outcome: ReloadOutcome, snapshot: Snapshot) -> None:
         metrics.reloads.labels("ok" if outcome.ok else "error", outcome.trigger).inc()
+        metrics.last_reload_ok.set(1 if outcome.ok else 0)
         if outcome.ok:
             redactor.add(snapshot.secrets())
             _use_redis(limits, snapshot)
