@@ -8,7 +8,7 @@ GATEWAY_CONFIG ?= config.example.json
 GATEWAY_PORT ?= 3333
 WORKER_PORT ?= 8000
 
-.PHONY: install run gateway worker test redis-server lint format clean
+.PHONY: install run gateway worker test redis-server prometheus lint format clean
 
 install: $(STAMP)
 
@@ -35,7 +35,7 @@ gateway: $(STAMP)
 worker: $(STAMP)
 	$(BIN)/python -m worker --model demo --port $(WORKER_PORT)
 
-test: $(STAMP) $(COMPOSE_SCHEMA) redis-server
+test: $(STAMP) $(COMPOSE_SCHEMA) redis-server prometheus
 	$(BIN)/python -m pytest
 
 ## Debian's redis-server, which the shared-limits tests start on loopback (when missing).
@@ -44,6 +44,13 @@ redis-server:
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && \
 		$$sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
+## Debian's prometheus (and promtool), which check the shipped alert rules and dashboard.
+prometheus:
+	@{ command -v prometheus && command -v promtool; } >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && \
+		$$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
