@@ -36,10 +36,13 @@ from gateway.state import (
     SETTINGS,
     STARTED,
     STORE,
+    TRACER,
     Settings,
 )
+from gateway.tracing import RequestTracer
 from gateway.upstream import make_session
 from gateway.usagelog import UsageLog
+from wire.tracing import start_tracing
 
 
 def build_app(
@@ -83,6 +86,8 @@ def build_app(
 
     store.subscribe(on_reload)
     usage_log = UsageLog()
+    # Off (None) unless an OTLP endpoint is set in the environment.
+    tracing = start_tracing("llm-gateway", metrics.count_dropped_spans)
 
     app = web.Application(
         middlewares=[
@@ -103,9 +108,12 @@ def build_app(
     app[LIMITER] = limits
     app[CLOSING] = closing
     app[STARTED] = int(time.time())  # `created` of every model card
+    app[TRACER] = None if tracing is None else RequestTracer(tracing)
     app.on_response_prepare.append(add_response_headers)
     app.on_cleanup.append(lambda _: _close(usage_log))
     app.on_cleanup.append(lambda _: limits.close())
+    if tracing is not None:
+        app.on_cleanup.append(lambda _: tracing.close())
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(background(run_health_checks))
     app.cleanup_ctx.append(background(run_discovery))

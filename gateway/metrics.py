@@ -112,6 +112,7 @@ class Metrics:
             registry=r,
         )
         self._redis_up: Gauge | None = None  # only when a redisUrl is configured
+        self._spans_dropped: Counter | None = None  # only while tracing is on
         self._models: frozenset[str] = frozenset()
         self.set_models(models)
         self._backends: _BackendGauges | None = None
@@ -141,6 +142,18 @@ class Metrics:
                 multiprocess_mode="livemin",
             )
         self._redis_up.set(1 if up else 0)
+
+    def count_dropped_spans(self, reason: str, spans: int) -> None:
+        """Spans the trace exporter lost (called from its thread too: counters are locked)."""
+        if self._spans_dropped is None:
+            self._spans_dropped = Counter(
+                "gateway_trace_spans_dropped",
+                "Spans not delivered to the OTLP collector: queue_full (the collector is slow "
+                "or down), export_failed.",
+                ["reason"],
+                registry=self.registry,
+            )
+        self._spans_dropped.labels(reason).inc(spans)
 
     def set_models(self, models: Iterable[str]) -> None:
         self._models = frozenset(models)

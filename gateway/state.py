@@ -15,6 +15,7 @@ from gateway.metrics import Metrics
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
 from gateway.selection import Policies
+from gateway.tracing import RequestTracer
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +41,5 @@ LIMITER = web.AppKey("limiter", AdmissionControl)
 STARTED = web.AppKey("started", int)
 # Replaced Redis clients being closed: held here so their tasks are not collected midway.
 CLOSING = web.AppKey("closing", set)
+# The request tracer, or None while tracing is off (no OTLP endpoint configured).
+TRACER: web.AppKey[RequestTracer | None] = web.AppKey("tracer")

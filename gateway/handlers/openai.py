@@ -24,6 +24,7 @@ from gateway.state import (
     SESSION,
     STARTED,
     STORE,
+    TRACER,
 )
 from gateway.upstream import Deadline
 from wire.errors import INVALID_REQUEST, APIError
@@ -185,6 +186,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         raise _unknown_model(body.model, snapshot, caller)
     authorize(caller, body.model)
     record.route_id = route.public_id
+    tracer = request.app[TRACER]
+    if tracer is not None:
+        record.span = tracer.request_span(request, tail, body, record)
     limiter = request.app[LIMITER]
     admission = None if caller is None else await limiter.admit(caller)  # or 429
     if admission is not None:
