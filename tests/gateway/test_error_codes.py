@@ -76,8 +76,20 @@ def raised_codes() -> dict[str, list[str]]:
                 bound = signature.bind_partial(*node.args, **keywords)
             except TypeError:
                 continue
-            for name, value in bound.arguments.items():
-                code = _string(module, value) if name in CODE_PARAMETERS else None
+            codes = [
+                _string(module, value)
+                for name, value in bound.arguments.items()
+                if name in CODE_PARAMETERS
+            ]
+            # A constructor's default code is raised by every call that leaves it out.
+            codes += [
+                parameter.default
+                for name, parameter in signature.parameters.items()
+                if name in CODE_PARAMETERS
+                and name not in bound.arguments
+                and isinstance(parameter.default, str)
+            ]
+            for code in codes:
                 if code is not None:
                     found.setdefault(code, []).append(f"{relative}:{node.lineno}")
     # The codes of the HTTP errors aiohttp raises (unknown route, method, body size).
