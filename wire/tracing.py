@@ -1,7 +1,7 @@
 """Whether traces are on, from the standard OTEL_* variables alone (gateway and worker alike).
 
-Off unless an OTLP endpoint is set. The OpenTelemetry SDK is imported only when they are on,
-so a process without tracing neither loads it nor does any work for it."""
+Off unless an OTLP endpoint is set. The tracing SDK is imported and set up only when they are
+on, so a process without tracing has no tracer, queue or exporter thread, and does no work."""
 
 from __future__ import annotations
 
