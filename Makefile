@@ -10,7 +10,7 @@ MODEL ?= smollm2
 GATEWAY_PORT ?= 3333
 WORKER_PORT ?= 8000
 
-.PHONY: install run gateway worker test bench-micro redis-server lint format clean
+.PHONY: install run gateway worker test bench-micro redis-server prometheus lint format clean
 
 install: $(STAMP)
 
@@ -40,7 +40,7 @@ gateway: $(STAMP)
 worker: $(STAMP)
 	$(BIN)/python -m worker --model $(MODEL) --port $(WORKER_PORT)
 
-test: $(STAMP) $(COMPOSE_SCHEMA) redis-server
+test: $(STAMP) $(COMPOSE_SCHEMA) redis-server prometheus
 	$(BIN)/python -m pytest
 
 ## The micro-benchmarks beside the SSE splitter and the rewrite fast paths, timed
@@ -55,6 +55,13 @@ redis-server:
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && \
 		$$sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
+## Debian's prometheus (and promtool), which check the shipped alert rules and dashboard.
+prometheus:
+	@{ command -v prometheus && command -v promtool; } >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && \
+		$$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

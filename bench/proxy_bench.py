@@ -3,7 +3,7 @@
 Run from the repository root, as root on Debian (it installs wrk and nginx when missing):
 
     .venv/bin/python bench/proxy_bench.py [--repeat 3] [--duration 5] [--streams 2000]
-                                          [--quick] [--no-bare] [--multiproc-cost]
+                                          [--quick] [--no-bare] [--multiproc-cost] [--tracing-cost]
                                           [--json] [--profile PATH]
 
 One run starts, on loopback:
@@ -23,7 +23,9 @@ Four targets: direct (wrk -> backend), nginx, bare and gateway (each -> backend)
 turn (A B C D, then D C B A, ...) for `--repeat` repetitions. It prints the medians, the ratios
 gateway/bare, bare/nginx, gateway/nginx and gateway/direct, and issue #7's targets beside the
 gateway's figures. `--multiproc-cost` adds the gateway with and without
-PROMETHEUS_MULTIPROC_DIR (prometheus_client's mmapped values, which `--workers N` switches on).
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's mmapped values, which `--workers N` switches on);
+`--tracing-cost` the gateway with OpenTelemetry tracing off and on (always-on sampler, batch
+exporter to an OTLP/HTTP sink).
 It is a benchmark, run by hand, not a test. bench/README.md explains each figure and records
 a run.
 """
@@ -877,7 +879,65 @@ def measure_workers(
     }
 
 
-MULTIPROC_KEYS = ("cpu_us_request", "cpu_us_stream", "rps", "sps")
+COMPARED_KEYS = ("cpu_us_request", "cpu_us_stream", "rps", "sps")
+
+
+def compare_gateways(
+    bench: Bench,
+    workdir: Path,
+    backend_port: int,
+    cpus: set[int] | None,
+    progress: Callable[[str], None],
+    modes: dict[str, dict[str, str] | None],
+) -> tuple[dict[str, Any], dict[str, Proxy]]:
+    """One gateway process per mode (its extra environment), pinned like the main targets and
+    alternated, so that the difference is the cost of the mode alone. The figures are medians,
+    and the ratios (second mode / first) the median of each rep's ratio. The gateways are
+    returned still running, for the caller to read, and stopped by `bench.procs`."""
+    args = bench.args
+    raw: dict[str, dict[str, list[float]]] = {m: {k: [] for k in COMPARED_KEYS} for m in modes}
+    gateways: dict[str, Proxy] = {}
+    for mode, extra_env in modes.items():
+        name = f"gateway-{mode}"
+        pid, port = start_gateway(
+            bench.procs, workdir, backend_port, workdir / f"{name}.log", cpus,
+            name=name, extra_env=extra_env,
+        )  # fmt: skip
+        gateways[mode] = Proxy(name, port, pid, PUBLIC_MODEL, CLIENT_KEY, workdir)
+        check_target(gateways[mode], args.timeout)
+        for stream in (False, True):
+            bench.run_wrk(gateways[mode], stream=stream, connections=args.connections, seconds=1)
+    for rep, order in alternating(args.repeat, tuple(modes)):
+        for stream, kind, rate in ((False, "request", "rps"), (True, "stream", "sps")):
+            for mode in order:
+                progress(
+                    f"rep {rep + 1}/{args.repeat}: gateway, {mode}, {kind}s c={args.connections}"
+                )
+                run = bench.run_wrk(
+                    gateways[mode], stream=stream, connections=args.connections,
+                    seconds=args.duration,
+                )  # fmt: skip
+                raw[mode][f"cpu_us_{kind}"].append(run.proxy_us())
+                raw[mode][rate].append(run.rate)
+    first, second = modes
+    figures = {
+        **{key: {mode: median(raw[mode][key]) for mode in modes} for key in COMPARED_KEYS},
+        **{
+            f"{key}_ratio": median(
+                [ratio(b, a) for a, b in zip(raw[first][key], raw[second][key], strict=True)]
+            )
+            for key in COMPARED_KEYS
+        },
+        "modes": list(modes),
+        "raw": raw,
+    }
+    return figures, gateways
+
+
+def _stop(bench: Bench, gateways: dict[str, Proxy]) -> None:
+    for proxy in gateways.values():
+        assert proxy.pid is not None
+        bench.procs.stop_tree(proxy.pid)
 
 
 def measure_multiproc(
@@ -889,58 +949,90 @@ def measure_multiproc(
 ) -> dict[str, Any]:
     """One gateway process as usual against one with PROMETHEUS_MULTIPROC_DIR set (an empty
     folder): prometheus_client then keeps every value in an mmapped file, as under
-    `--workers N`. Both pinned like the main targets and alternated, so that the difference is
-    the cost of that mode alone, without a second worker competing for the cores."""
-    args = bench.args
+    `--workers N`, without a second worker competing for the cores."""
     metrics_dir = workdir / "prometheus-multiproc"
     metrics_dir.mkdir()
     modes = {"single": None, "multiproc": {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}}
-    raw: dict[str, dict[str, list[float]]] = {m: {k: [] for k in MULTIPROC_KEYS} for m in modes}
-    gateways: dict[str, Proxy] = {}
-    try:
-        for mode, extra_env in modes.items():
-            name = f"gateway-{mode}"
-            pid, port = start_gateway(
-                bench.procs, workdir, backend_port, workdir / f"{name}.log", cpus,
-                name=name, extra_env=extra_env,
-            )  # fmt: skip
-            gateways[mode] = Proxy(name, port, pid, PUBLIC_MODEL, CLIENT_KEY, workdir)
-            check_target(gateways[mode], args.timeout)
-            for stream in (False, True):
-                bench.run_wrk(
-                    gateways[mode], stream=stream, connections=args.connections, seconds=1
-                )
-        for rep, order in alternating(args.repeat, tuple(modes)):
-            for stream, kind, rate in ((False, "request", "rps"), (True, "stream", "sps")):
-                for mode in order:
-                    progress(
-                        f"rep {rep + 1}/{args.repeat}: gateway, metrics {mode}, "
-                        f"{kind}s c={args.connections}"
-                    )
-                    run = bench.run_wrk(
-                        gateways[mode], stream=stream, connections=args.connections,
-                        seconds=args.duration,
-                    )  # fmt: skip
-                    raw[mode][f"cpu_us_{kind}"].append(run.proxy_us())
-                    raw[mode][rate].append(run.rate)
-    finally:
-        for proxy in gateways.values():
-            assert proxy.pid is not None
-            bench.procs.stop_tree(proxy.pid)
-    return {
-        **{key: {mode: median(raw[mode][key]) for mode in modes} for key in MULTIPROC_KEYS},
-        **{
-            f"{key}_ratio": median(
-                [
-                    ratio(mp, sp)
-                    for sp, mp in zip(raw["single"][key], raw["multiproc"][key], strict=True)
-                ]
-            )
-            for key in MULTIPROC_KEYS
-        },
-        "files": sorted(path.name for path in metrics_dir.iterdir()),
-        "raw": raw,
+    figures, gateways = compare_gateways(bench, workdir, backend_port, cpus, progress, modes)
+    _stop(bench, gateways)
+    return {**figures, "files": sorted(path.name for path in metrics_dir.iterdir())}
+
+
+def measure_tracing(
+    bench: Bench,
+    workdir: Path,
+    backend_port: int,
+    cpus: set[int] | None,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """The gateway with tracing off (no OTLP endpoint: the default) against on, with the
+    always-on sampler and the SDK's batch exporter sending to an OTLP/HTTP sink on the
+    backend's core (`--serve-otlp-sink`), which answers every batch and counts it."""
+    sink_port = free_port()
+    sink = bench.procs.start(
+        [sys.executable, str(Path(__file__).resolve()), "--serve-otlp-sink", str(sink_port)],
+        cpus=bench.client_cpus,
+    )
+    wait_listening(sink, sink_port, "OTLP sink", 20)
+    tracing = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{HOST}:{sink_port}",
+        "OTEL_TRACES_SAMPLER": "always_on",
     }
+    figures, gateways = compare_gateways(
+        bench, workdir, backend_port, cpus, progress, {"off": None, "on": tracing}
+    )
+    try:
+        metrics = _get(gateways["on"].port, "/metrics").decode()
+        dropped = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("gateway_trace_spans_dropped_total")
+        )
+    finally:
+        _stop(bench, gateways)  # flushes what the tracing gateway still held
+    received = json.loads(_get(sink_port, "/stats"))
+    bench.procs.stop_tree(sink.pid)
+    return {**figures, "spans_dropped": dropped, "sink": received}
+
+
+def _get(port: int, path: str) -> bytes:
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.split(b"\r\n\r\n", 1)[1]
+
+
+async def serve_otlp_sink(port: int) -> None:
+    """An OTLP/HTTP trace endpoint that accepts every batch unread beyond its size: the cost
+    measured is the gateway's, not a collector's. GET /stats: batches and bytes received."""
+    from aiohttp import web
+
+    stats = {"batches": 0, "bytes": 0}
+
+    async def traces(request: web.Request) -> web.Response:
+        stats["batches"] += 1
+        stats["bytes"] += len(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def report(request: web.Request) -> web.Response:
+        return web.json_response(stats)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/traces", traces)
+    app.router.add_get("/stats", report)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, port, reuse_address=True).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def profile_gateway(
@@ -1073,6 +1165,22 @@ def summarize(measured: dict[str, Any]) -> dict[str, Any]:
     return {"table": table, "added": added, "holds": holds}
 
 
+def print_comparison(figures: dict[str, Any], conns: str, ratio_name: str) -> None:
+    first, second = figures["modes"]
+    print(f"  {'':42}{first:>10}{second:>10}{ratio_name:>10}")
+    for key, label, digits in (
+        ("cpu_us_request", "gateway CPU per request (µs)", 0),
+        ("cpu_us_stream", "gateway CPU per 20-event stream (µs)", 0),
+        ("rps", f"requests/s, c={conns}", 0),
+        ("sps", f"streams/s, c={conns}", 0),
+    ):
+        row = figures[key]
+        print(
+            f"  {label:42}{fmt(row[first], digits):>10}{fmt(row[second], digits):>10}"
+            f"{fmt(figures[key + '_ratio'], 2) + 'x':>10}"
+        )
+
+
 def print_report(results: dict[str, Any]) -> None:
     meta, summary = results["meta"], results["summary"]
     table, added = summary["table"], summary["added"]
@@ -1181,19 +1289,21 @@ def print_report(results: dict[str, Any]) -> None:
             "  one gateway process, prometheus_client as usual vs PROMETHEUS_MULTIPROC_DIR set "
             "(mmapped values, as --workers N); pinned as above"
         )
-        print(f"  {'':42}{'single':>10}{'multiproc':>10}{'mp/single':>10}")
-        for key, label, digits in (
-            ("cpu_us_request", "gateway CPU per request (µs)", 0),
-            ("cpu_us_stream", "gateway CPU per 20-event stream (µs)", 0),
-            ("rps", f"requests/s, c={conns}", 0),
-            ("sps", f"streams/s, c={conns}", 0),
-        ):
-            row = multiproc[key]
-            print(
-                f"  {label:42}{fmt(row['single'], digits):>10}{fmt(row['multiproc'], digits):>10}"
-                f"{fmt(multiproc[key + '_ratio'], 2) + 'x':>10}"
-            )
+        print_comparison(multiproc, conns, "mp/single")
         print(f"  multiprocess files written: {len(multiproc['files'])}")
+    tracing = results.get("tracing")
+    if tracing is not None:
+        print()
+        print(
+            "  one gateway process, tracing off (no OTLP endpoint) vs on (always_on sampler, "
+            "batch exporter to an OTLP/HTTP sink); pinned as above"
+        )
+        print_comparison(tracing, conns, "on/off")
+        sink = tracing["sink"]
+        print(
+            f"  OTLP batches received: {sink['batches']} ({sink['bytes'] / 1e6:.1f} MB); "
+            f"spans dropped: {tracing['spans_dropped']:.0f}"
+        )
     errors = results["errors"]
     print()
     print(f"  errors: {sum(errors.values()) or 'none'}")
@@ -1239,6 +1349,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure the gateway with PROMETHEUS_MULTIPROC_DIR set against without",
     )
     parser.add_argument(
+        "--tracing-cost",
+        action="store_true",
+        help="also measure the gateway with OpenTelemetry tracing on against off",
+    )
+    parser.add_argument(
         "--nginx-access-log",
         choices=("on", "off"),
         default="on",
@@ -1248,6 +1363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="PATH", help="py-spy the gateway, stacks to PATH")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--serve-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-otlp-sink", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.repeat, args.duration, args.latency_duration = 1, 2, 1
@@ -1263,6 +1379,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_backend is not None:
         run_async(serve_backend(args.serve_backend))
+        return 0
+    if args.serve_otlp_sink is not None:
+        run_async(serve_otlp_sink(args.serve_otlp_sink))
         return 0
     wrk, nginx = ensure_tools()
     signal.signal(signal.SIGTERM, _raise_exit)
@@ -1347,6 +1466,8 @@ def main(argv: list[str] | None = None) -> int:
             results["multiproc"] = measure_multiproc(
                 bench, workdir, backend_port, proxy_cpus, progress
             )
+        if args.tracing_cost:
+            results["tracing"] = measure_tracing(bench, workdir, backend_port, proxy_cpus, progress)
         if args.profile:
             results["profile"] = profile_gateway(
                 bench, proxies["gateway"], Path(args.profile).resolve(), progress

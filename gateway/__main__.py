@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
   PROMETHEUS_MULTIPROC_DIR  with --workers: where the processes keep their metrics
                      (default: a temporary folder, removed on exit)
   LOG_FORMAT         json or console (default: json unless stderr is a terminal)
-  LOG_LEVEL          default INFO""",
+  LOG_LEVEL          default INFO
+  OTEL_EXPORTER_OTLP_ENDPOINT  when set (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), traces
+                     go there over OTLP/HTTP; OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME
+                     and the other OTEL_* variables as the OpenTelemetry SDK reads them""",
     )
     parser.add_argument(
         "command",

@@ -40,11 +40,14 @@ from gateway.state import (
     SETTINGS,
     STARTED,
     STORE,
+    TRACER,
     USAGE_LOG,
     Settings,
 )
+from gateway.tracing import RequestTracer
 from gateway.upstream import make_session
 from gateway.usagelog import UsageLog
+from wire.tracing import start_tracing
 
 
 def build_app(
@@ -61,7 +64,7 @@ def build_app(
     backends = Backends()
     for target in store.current.targets().values():
         backends.state(target)
-    metrics.watch_backends(backends)
+    metrics.watch_backends(backends, lambda: store.current.routes)
     dns = DnsDiscovery(metrics.registry)
     dns.configure(store.current)
     redactor = Redactor(store.current.secrets())
@@ -80,6 +83,7 @@ def build_app(
 
     def on_reload(outcome: ReloadOutcome, snapshot: Snapshot) -> None:
         metrics.reloads.labels("ok" if outcome.ok else "error", outcome.trigger).inc()
+        metrics.last_reload_ok.set(1 if outcome.ok else 0)
         if outcome.ok:
             redactor.add(snapshot.secrets())
             _use_redis(limits, objects, snapshot, closing)
@@ -93,6 +97,8 @@ def build_app(
     usage_log = UsageLog(
         on_error=lambda reason, lines: metrics.usage_log_errors.labels(reason).inc(lines)
     )
+    # Off (None) unless an OTLP endpoint is set in the environment.
+    tracing = start_tracing("llm-gateway", metrics.count_dropped_spans)
 
     app = web.Application(
         middlewares=[
@@ -120,6 +126,9 @@ def build_app(
     app.on_cleanup.append(lambda _: _close(usage_log))
     app.on_cleanup.append(lambda _: limits.close())
     app.on_cleanup.append(lambda _: objects.close())
+    app[TRACER] = None if tracing is None else RequestTracer(tracing)
+    if tracing is not None:
+        app.on_cleanup.append(lambda _: tracing.close())
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(background(run_health_checks))
     app.cleanup_ctx.append(background(run_discovery))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway.backends import Backends
+from gateway.routing import Route
 
 OTHER = "other"
 
@@ -97,6 +98,14 @@ class Metrics:
             ["outcome", "trigger"],
             registry=r,
         )
+        # What an alert needs that the counter cannot say: is the config serving now the file?
+        self.last_reload_ok = Gauge(
+            "gateway_config_last_reload_successful",
+            "0 after a reload that failed (the previous config keeps serving), until one succeeds.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.last_reload_ok.set(1)
         self.redis_errors = Counter(
             "gateway_redis_errors_total",
             "Redis calls that failed (the limits were then kept in this process, or refused).",
@@ -110,17 +119,21 @@ class Metrics:
             registry=r,
         )
         self._redis_up: Gauge | None = None  # only when a redisUrl is configured
+        self._spans_dropped: Counter | None = None  # only while tracing is on
         self._models: frozenset[str] = frozenset()
         self.set_models(models)
         self._backends: _BackendGauges | None = None
 
-    def watch_backends(self, backends: Backends) -> None:
-        """Per-backend load and health, read from the live registry at scrape time."""
+    def watch_backends(
+        self, backends: Backends, routes: Callable[[], Mapping[str, Route]] = dict
+    ) -> None:
+        """Per-backend load and health, and per model how many of its backends take requests,
+        read from the live registry and the current routes at scrape time."""
         if self.multiprocess:
             # Another process cannot run our collector: mirror the state into shared files.
-            self._backends = _BackendGauges(backends, self.registry)
+            self._backends = _BackendGauges(backends, routes, self.registry)
         else:
-            self.registry.register(_BackendCollector(backends))
+            self.registry.register(_BackendCollector(backends, routes))
 
     def sync(self) -> None:
         """Under --workers, copies this process's backend state into the shared files."""
@@ -136,6 +149,18 @@ class Metrics:
                 multiprocess_mode="livemin",
             )
         self._redis_up.set(1 if up else 0)
+
+    def count_dropped_spans(self, reason: str, spans: int) -> None:
+        """Spans the trace exporter lost (called from its thread too: counters are locked)."""
+        if self._spans_dropped is None:
+            self._spans_dropped = Counter(
+                "gateway_trace_spans_dropped",
+                "Spans not delivered to the OTLP collector: queue_full (the collector is slow "
+                "or down), export_failed.",
+                ["reason"],
+                registry=self.registry,
+            )
+        self._spans_dropped.labels(reason).inc(spans)
 
     def set_models(self, models: Iterable[str]) -> None:
         self._models = frozenset(models)
@@ -177,6 +202,27 @@ _BACKEND_SERIES = (
 )
 
 
+_MODEL_BACKENDS_UP = (
+    "gateway_model_backends_up",
+    "Backends of the model that take requests (0: every one is ejected, requests get 503).",
+)
+
+
+def _up(backends: Backends, route: Route, now: float) -> int:
+    states = backends.states
+    return sum(
+        1
+        for target in route.targets
+        if (state := states.get(target.key)) is None or state.health(now) != "ejected"
+    )
+
+
+def _model_rows(backends: Backends, routes: Mapping[str, Route]) -> dict[str, float]:
+    """Per public model (configured ids only): its backends that are not ejected."""
+    now = time.monotonic()
+    return {public_id: float(_up(backends, route, now)) for public_id, route in routes.items()}
+
+
 def _backend_rows(backends: Backends) -> dict[str, list[float]]:
     """Per backend label: in flight, up, ejections, requests, failures."""
     now = time.monotonic()
@@ -194,8 +240,9 @@ def _backend_rows(backends: Backends) -> dict[str, list[float]]:
 class _BackendCollector(Collector):
     """Labels are `host:port` of configured backends only: bounded by the config."""
 
-    def __init__(self, backends: Backends) -> None:
+    def __init__(self, backends: Backends, routes: Callable[[], Mapping[str, Route]]) -> None:
         self._backends = backends
+        self._routes = routes
 
     def collect(self) -> Iterator[Metric]:
         families = [
@@ -208,14 +255,28 @@ class _BackendCollector(Collector):
             for family, value in zip(families, row, strict=True):
                 family.add_metric([label], value)
         yield from families
+        per_model = GaugeMetricFamily(*_MODEL_BACKENDS_UP, labels=["model"])
+        for model, up in _model_rows(self._backends, self._routes()).items():
+            per_model.add_metric([model], up)
+        yield per_model
 
 
 class _BackendGauges:
     """The same series as _BackendCollector, as values in the multiprocess files: gauges
     combined as _BACKEND_SERIES says, counters as sums of what each process added."""
 
-    def __init__(self, backends: Backends, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        backends: Backends,
+        routes: Callable[[], Mapping[str, Route]],
+        registry: CollectorRegistry,
+    ) -> None:
         self._backends = backends
+        self._routes = routes
+        # The lowest over the processes: one whose breakers ejected them all answers 503.
+        self._per_model = Gauge(
+            *_MODEL_BACKENDS_UP, ["model"], registry=registry, multiprocess_mode="livemin"
+        )
         self._series: list[Gauge | Counter] = [
             Gauge(name, doc, ["backend"], registry=registry, multiprocess_mode=mode)
             if kind == "gauge"
@@ -225,6 +286,8 @@ class _BackendGauges:
         self._counted: dict[tuple[str, int], float] = defaultdict(float)
 
     def sync(self) -> None:
+        for model, up in _model_rows(self._backends, self._routes()).items():
+            self._per_model.labels(model).set(up)
         for label, row in _backend_rows(self._backends).items():
             for index, (series, value) in enumerate(zip(self._series, row, strict=True)):
                 if isinstance(series, Gauge):

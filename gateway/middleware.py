@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -19,6 +19,9 @@ from gateway.metrics import Metrics
 from gateway.usagelog import UsageLog
 from wire.errors import Handler, error_response_for
 from wire.headers import REQUEST_ID_HEADER, accept_request_id
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestSpan
 
 # Status for a client that went away before the response ended (nginx's convention).
 CLIENT_CLOSED = 499
@@ -52,6 +55,7 @@ class RequestRecord:
     # Every backend failure this request saw, retried or not (metrics count each).
     failures: list[str] = field(default_factory=list)
     cors_origin: str | None = None  # Access-Control-Allow-Origin for the response, if any
+    span: RequestSpan | None = None  # its trace, when tracing is on and a model was routed
 
     def fail(self, kind: str) -> None:
         """The backend failed after its response started: the request ends in this error."""
@@ -200,6 +204,8 @@ async def add_response_headers(request: web.Request, response: web.StreamRespons
 def _finish(request: web.Request, record: RequestRecord, status: int, meters: Meters) -> None:
     duration = time.monotonic() - record.started
     ttft = meters.finish(record, status, duration)
+    if record.span is not None:
+        record.span.finish(record, status)
 
     quiet = record.family in ("health", "metrics")
     handler = fast_json_handler(_ACCESS_LOGGER)

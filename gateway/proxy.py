@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
@@ -38,6 +39,9 @@ from gateway.upstream import (
 )
 from wire.errors import APIError
 from wire.sse import EventTooLarge, SSESplitter
+
+if TYPE_CHECKING:
+    from gateway.tracing import AttemptSpan
 
 log = structlog.get_logger("gateway.proxy")
 
@@ -97,6 +101,7 @@ class ProxiedRequest:
     deadline: Deadline
     objects: ObjectRoutes | None = None
     tried: set[str] = field(default_factory=set)
+    attempt_span: AttemptSpan | None = None  # the attempt's trace, when tracing is on
     _remembering: asyncio.Task[None] | None = None
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
@@ -151,6 +156,8 @@ class ProxiedRequest:
         record.backend = hop.backend_label
         record.upstream_model = hop.upstream_model
         record.attempts += 1
+        if record.span is not None:
+            self.attempt_span = record.span.attempt(hop, record.attempts)
         # Ask for usage unless this backend is known to refuse stream_options.
         ask_usage = self.client.wants_usage and not ticket.state.refuses_stream_options
         response: aiohttp.ClientResponse | None = None
@@ -161,9 +168,10 @@ class ProxiedRequest:
                 return retry
             head, complete = await prefetch(response, hop, self.deadline)
         except UpstreamError as exc:
-            self._verdict(ticket, response, exc.kind)
+            give_up = last or self._out_of_time()
+            self._verdict(ticket, response, exc.kind, retry_reason=None if give_up else exc.kind)
             record.failures.append(exc.kind)
-            if last or self._out_of_time():
+            if give_up:
                 raise
             return _Retry()
         except BaseException:
@@ -180,6 +188,8 @@ class ProxiedRequest:
         headers = forward_headers(client.headers, hop, self.record.request_id)
         if client.body.payload is not None and "Content-Type" not in headers:
             headers["Content-Type"] = "application/json"
+        if self.attempt_span is not None:
+            self.attempt_span.inject(headers)  # traceparent: this attempt, in the client's trace
         url = upstream_url(hop, client.tail, client.raw_query)
         body = client.body.for_hop(hop, ask_usage)
         return await open_response(
@@ -200,7 +210,8 @@ class ProxiedRequest:
             # Remember it, and send the request as the client wrote it.
             log.info("backend refuses stream_options", backend=hop.backend_label)
             ticket.state.refuses_stream_options = True
-            self._verdict(ticket, response, _http_failure(response))
+            failure = _http_failure(response)
+            self._verdict(ticket, response, failure, retry_reason="refuses_stream_options")
             return _Retry(counted=False)
         if status not in self.route.retry_on or last:
             return None
@@ -209,7 +220,7 @@ class ProxiedRequest:
         honour = wait is not None and wait <= RETRY_AFTER_CAP
         if not (wait is None or honour or elsewhere):
             return None  # a long Retry-After with nowhere else to go: the client gets it
-        self._verdict(ticket, response, _http_failure(response))
+        self._verdict(ticket, response, _http_failure(response), retry_reason=f"http_{status}")
         self.record.failures.append(f"http_{status}")
         return _Retry(wait=wait or 0.0) if honour and not elsewhere else _Retry()
 
@@ -256,10 +267,17 @@ class ProxiedRequest:
         response: aiohttp.ClientResponse | None,
         failure: str | None,
         completed: bool = False,
+        retry_reason: str | None = None,
     ) -> None:
         """The one place a backend gets its verdict (a failure, a success, or none when the
-        client went away) and its slot back. A body not read to its end (client gone,
-        backend failed) closes the connection: that tells the backend to stop generating."""
+        client went away) and its slot back, and the attempt's span its end. A body not read
+        to its end (client gone, backend failed) closes the connection: that tells the
+        backend to stop generating."""
+        attempt = self.attempt_span
+        if attempt is not None:
+            self.attempt_span = None
+            status = None if response is None else response.status
+            attempt.end(status, failure, retry_reason, completed)
         if response is not None:
             if completed:
                 response.release()

@@ -19,6 +19,7 @@ from gateway.object_routes import ObjectRoutes
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
 from gateway.selection import Policies
+from gateway.tracing import RequestTracer
 from gateway.usagelog import UsageLog
 
 
@@ -58,4 +59,6 @@ USAGE_LOG = web.AppKey("usage_log", UsageLog)
 OBJECTS = web.AppKey("objects", ObjectRoutes)
 # Replaced Redis clients being closed: held here so their tasks are not collected midway.
 CLOSING = web.AppKey("closing", set)
+# The request tracer, or None while tracing is off (no OTLP endpoint configured).
+TRACER: web.AppKey[RequestTracer | None] = web.AppKey("tracer")
 DNS = web.AppKey("dns", DnsDiscovery)

@@ -10,6 +10,7 @@ import structlog
 from aiohttp import web
 
 from wire.errors import error_middleware
+from wire.tracing import start_tracing
 from worker import embeddings, models
 from worker.engine import Engine
 from worker.handlers import admin, completions, tokenize
@@ -18,6 +19,7 @@ from worker.middleware import auth_middleware, echo_request_id, request_context
 from worker.models import LoadedModel
 from worker.settings import Settings
 from worker.state import STATE, WorkerState
+from worker.tracing import tracing_middleware
 
 log = structlog.get_logger(__name__)
 
@@ -25,11 +27,18 @@ Loader = Callable[[Settings], LoadedModel]
 
 
 def build_app(settings: Settings, loader: Loader = models.load) -> web.Application:
+    state = WorkerState(settings)
+    # Off (None) unless an OTLP endpoint is set in the environment.
+    tracing = start_tracing("llm-worker", state.metrics.count_dropped_spans)
     middlewares = [request_context, error_middleware]
+    if tracing is not None:  # outside the error envelope: it sees every answer's status
+        middlewares.insert(1, tracing_middleware(tracing))
     if settings.api_key:
         middlewares.append(auth_middleware(settings.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
-    app[STATE] = WorkerState(settings)
+    app[STATE] = state
+    if tracing is not None:
+        app.on_cleanup.append(lambda _: tracing.close())
     app.on_response_prepare.append(echo_request_id)
     app.cleanup_ctx.append(_model_lifecycle(loader))
     app.router.add_get("/health", admin.health)

@@ -34,6 +34,18 @@ class Metrics:
         )
         self.running = Gauge("worker_running_requests", "Requests being generated", registry=r)
         self.waiting = Gauge("worker_waiting_requests", "Requests waiting for a slot", registry=r)
+        self._spans_dropped: Counter | None = None  # only while tracing is on
+
+    def count_dropped_spans(self, reason: str, spans: int) -> None:
+        """Spans the trace exporter lost (called from its thread too: counters are locked)."""
+        if self._spans_dropped is None:
+            self._spans_dropped = Counter(
+                "worker_trace_spans_dropped",
+                "Spans not delivered to the OTLP collector: queue_full, export_failed.",
+                ["reason"],
+                registry=self.registry,
+            )
+        self._spans_dropped.labels(reason).inc(spans)
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         self.running.set_function(running)

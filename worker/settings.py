@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
   WORKER_API_KEY    when set, /v1 requests need 'Authorization: Bearer <key>'
   WORKER_CACHE_DIR  where built-in models are built (default ~/.cache/llm-gateway)
   LOG_FORMAT        json or console (default: json unless stderr is a terminal)
-  LOG_LEVEL         default INFO""",
+  LOG_LEVEL         default INFO
+  OTEL_EXPORTER_OTLP_ENDPOINT  when set (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), traces
+                    go there over OTLP/HTTP; OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME
+                    and the other OTEL_* variables as the OpenTelemetry SDK reads them""",
     )
     p.add_argument(
         "--model",

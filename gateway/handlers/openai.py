@@ -28,6 +28,7 @@ from gateway.state import (
     SESSION,
     STARTED,
     STORE,
+    TRACER,
 )
 from gateway.upstream import Deadline
 from wire.errors import APIError
@@ -233,6 +234,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     else:
         route, body = await _by_object(request, snapshot, caller, object_id, raw)
     record.route_id = route.public_id
+    tracer = request.app[TRACER]
+    if tracer is not None:
+        record.span = tracer.request_span(request, tail, body, record)
     limiter = request.app[LIMITER]
     admission = None if caller is None else await limiter.admit(caller)  # or 429
     if admission is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from aiohttp import web
@@ -38,7 +40,14 @@ async def test_metrics(make_gateway, backend, http) -> None:
     )
     assert 'gateway_in_flight_requests{model="llama"} 0.0' in text
     assert 'gateway_config_reloads_total{outcome="error",trigger="api"} 1.0' in text
+    assert "gateway_config_last_reload_successful 0.0" in text
     assert "not-configured" not in text
+    # a good reload clears what the failed one set (the "config reload failed" alert)
+    gw.config_path.write_text(json.dumps(config(backend)))
+    async with http.post(gw.url + "/reload") as response:
+        assert response.status == 200
+    async with http.get(gw.url + "/metrics") as response:
+        assert "gateway_config_last_reload_successful 1.0" in await response.text()
 
 
 async def test_metrics_count_upstream_errors_by_kind(make_gateway, backend, http) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from gateway.state import DRAINING
+from gateway.state import DRAINING, METRICS
 from tests.gateway.configs import config
 from tests.gateway.test_failures import free_port
 
@@ -41,6 +41,10 @@ async def test_ready_reports_models_without_a_healthy_backend(make_gateway, back
     assert caught.value.status_code == 503
     assert caught.value.body["code"] == "no_healthy_backend"
     assert int(caught.value.response.headers["Retry-After"]) > 1
+    # what the "every backend of a model ejected" alert reads
+    text = gw.app[METRICS].render().decode()
+    assert 'gateway_model_backends_up{model="down"} 0.0' in text
+    assert 'gateway_model_backends_up{model="up"} 1.0' in text
     gw.app[DRAINING].set()
     async with http.get(gw.url + "/ready") as response:
         assert response.status == 503 and (await response.json())["status"] == "draining"

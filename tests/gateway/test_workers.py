@@ -157,6 +157,8 @@ async def test_workers_share_one_port_and_one_scrape_counts_them_all(
         _, text = await get(served.url + "/metrics")
         assert counted in text
     assert 'gateway_backend_requests_total{backend="127.0.0.1:' in text
+    assert 'gateway_model_backends_up{model="llama"} 1.0' in text
+    assert "gateway_config_last_reload_successful 1.0" in text
 
     # A worker that dies is replaced; what it counted stays counted.
     os.kill(pids["0"], signal.SIGKILL)

@@ -189,7 +189,15 @@ def test_image_environment_is_read_by_the_code() -> None:
 
 def test_services_and_targets() -> None:
     services = compose()["services"]
-    assert set(services) == {"worker", "gateway", "open-webui", "prometheus", "redis", "vllm"}
+    assert set(services) == {
+        "worker",
+        "gateway",
+        "open-webui",
+        "prometheus",
+        "grafana",
+        "redis",
+        "vllm",
+    }
     stages = dockerfile_stages()
     assert services["worker"]["build"]["target"] == "worker"
     assert services["gateway"]["build"]["target"] == "gateway"
@@ -199,6 +207,7 @@ def test_services_and_targets() -> None:
     for service in ("worker", "gateway"):
         assert services[service]["build"]["target"] in stages
     assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["grafana"]["profiles"] == ["monitoring"]
     assert services["redis"]["profiles"] == ["redis"]
     assert services["vllm"]["profiles"] == ["vllm"]
 
@@ -275,6 +284,75 @@ def test_prometheus_scrapes_the_services_metrics() -> None:
         "gateway": ("/metrics", "gateway:3333"),
         "worker": ("/metrics", "worker:8000"),
     }
+
+
+def mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> the repository file or folder mounted there (bind mounts only)."""
+    found = {}
+    for volume in service["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            found[target] = ROOT / source
+    return found
+
+
+def test_prometheus_loads_the_shipped_alert_rules() -> None:
+    service = compose()["services"]["prometheus"]
+    image, tag = service["image"].rsplit(":", 1)
+    assert image == "prom/prometheus" and re.match(r"v\d+\.\d+\.\d+$", tag)
+    mounted = mounts(service)
+    config_path = "/etc/prometheus/prometheus.yml"
+    assert mounted[config_path] == ROOT / "config/prometheus.yml"
+    rule_files = yaml.safe_load(mounted[config_path].read_text())["rule_files"]
+    assert rule_files, "config/prometheus.yml loads the alert rules"
+    for name in rule_files:
+        # Relative to the config file, in the container as here.
+        in_container = str(Path(config_path).parent / name)
+        assert mounted.get(in_container) == ROOT / "config" / name, in_container
+        assert (ROOT / "config" / name).is_file()
+
+
+def test_grafana_is_pinned_and_provisioned_with_the_dashboard_and_prometheus() -> None:
+    services = compose()["services"]
+    grafana = services["grafana"]
+    image, tag = grafana["image"].rsplit(":", 1)
+    assert image == "grafana/grafana" and re.match(r"\d+\.\d+\.\d+$", tag)
+    assert grafana["ports"][0].endswith(":3000")
+    assert grafana["depends_on"] == ["prometheus"]
+    assert "grafana:/var/lib/grafana" in grafana["volumes"]
+    mounted = mounts(grafana)
+    for target, source in mounted.items():
+        assert source.exists(), f"{target}: {source} is missing"
+    provisioning = mounted["/etc/grafana/provisioning"]
+
+    (datasource,) = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())[
+        "datasources"
+    ]
+    prometheus_port = services["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == f"http://prometheus:{prometheus_port}"
+
+    (provider,) = yaml.safe_load((provisioning / "dashboards/llm-gateway.yml").read_text())[
+        "providers"
+    ]
+    dashboards = mounted[provider["options"]["path"]]
+    files = sorted(dashboards.glob("*.json"))
+    assert [f.name for f in files] == ["llm-gateway.json"]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert Path(home).parent == Path(provider["options"]["path"])
+    assert (dashboards / Path(home).name).is_file()
+
+    # Every panel and variable queries the provisioned datasource.
+    dashboard = json.loads(files[0].read_text())
+    named = [dashboard["templating"]["list"][0]["datasource"]]
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            named.append(panel["datasource"])
+            named += [target["datasource"] for target in panel["targets"]]
+    assert named and all(d == {"type": "prometheus", "uid": datasource["uid"]} for d in named)
+    assert (
+        grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-admin}"
+    )
 
 
 def test_redis_profile_is_what_the_gateway_config_points_at() -> None:

@@ -60,7 +60,11 @@ def _free_port() -> int:
 
 
 def start_worker(
-    log_path: Path, demo_dir: Path, *args: str, api_key: str | None = None
+    log_path: Path,
+    demo_dir: Path,
+    *args: str,
+    api_key: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> WorkerProcess:
     port = _free_port()
     env = {
@@ -74,6 +78,7 @@ def start_worker(
     env.pop("WORKER_API_KEY", None)
     if api_key:
         env["WORKER_API_KEY"] = api_key
+    env.update(extra_env or {})
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker", "--host", "127.0.0.1", "--port", str(port), *args],

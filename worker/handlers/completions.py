@@ -22,6 +22,7 @@ from worker.prompts import PromptError, chat_prompt_ids, text_prompt_ids
 from worker.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from worker.sampling import SamplingDefaults, SamplingParams
 from worker.state import WorkerState
+from worker.tracing import FINISH_REASONS, FIRST_TOKEN_NS, PARSED
 
 log = structlog.get_logger(__name__)
 
@@ -147,7 +148,8 @@ async def _serve(
     endpoint: str,
 ) -> web.StreamResponse:
     started = time.perf_counter()
-    on_first = _first_token_timer(state, started)
+    request[PARSED] = req  # for the request's span, when tracing is on
+    on_first = _first_token_timer(request, state, started)
     streams: list[TextStream] = []
     try:
         # Admit every choice before answering, so a full queue is a plain 503.
@@ -165,11 +167,14 @@ async def _serve(
         for s in streams:
             await s.aclose()
         _account(state, streams, endpoint, started)
+        request[FINISH_REASONS] = [s.finish_reason for s in streams]
     request["usage"] = used = _usage(streams)
     return web.json_response(renderer.body(list(texts), [s.finish_reason for s in streams], used))
 
 
-def _first_token_timer(state: WorkerState, started: float) -> Callable[[], None]:
+def _first_token_timer(
+    request: web.Request, state: WorkerState, started: float
+) -> Callable[[], None]:
     seen = False
 
     def mark() -> None:
@@ -177,6 +182,7 @@ def _first_token_timer(state: WorkerState, started: float) -> Callable[[], None]
         if not seen:
             seen = True
             state.metrics.ttft.observe(time.perf_counter() - started)
+            request[FIRST_TOKEN_NS] = time.time_ns()
 
     return mark
 

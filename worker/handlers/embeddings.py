@@ -12,11 +12,13 @@ from wire.errors import APIError
 from wire.protocol import embedding_list
 from worker.handlers.common import check_model, parse, read_json, ready_state
 from worker.protocol import EmbeddingRequest
+from worker.tracing import PARSED
 
 
 async def embeddings(request: web.Request) -> web.Response:
     state = ready_state(request)
     req = parse(EmbeddingRequest, await read_json(request))
+    request[PARSED] = req  # for the request's span, when tracing is on
     check_model(state, req.model, embeddings=True)
     embedder = state.embedders[req.model]
     try:
