@@ -101,6 +101,8 @@ class Backend(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     weight: float = Field(1.0, gt=0)
     max_concurrent: int | None = Field(None, ge=1, alias="maxConcurrent")
+    # Stream resume for this backend alone; unset takes the endpoint's `resume`.
+    resume: bool | None = None
 
     @field_validator("url")
     @classmethod
@@ -139,6 +141,10 @@ class Endpoint(RoutingOverrides):
     headers: dict[str, str] = Field(default_factory=dict)
     # Wildcard routes: how often the backend's own model list is refreshed.
     models_refresh: float = Field(60.0, gt=0, alias="modelsRefresh")
+    # Stream resume: a stream cut after its first byte goes on on another backend. Off by
+    # default: hosted APIs cannot continue a partial assistant message.
+    resume: bool = False
+    max_resumes: int = Field(2, ge=0, le=10, alias="maxResumes")  # seams per stream
 
     @field_validator("enabled", mode="before")
     @classmethod

@@ -42,6 +42,8 @@ class Target:
     headers: Mapping[str, str]
     weight: float
     max_concurrent: int | None
+    # It can continue a partial assistant message (vLLM, SGLang, the worker): stream resume.
+    resume: bool = False
     # Identity of the server for health and load state, shared by every route using it and
     # kept across reloads. Computed once: selection and accounting look it up per request.
     key: str = field(init=False, compare=False, repr=False)
@@ -84,6 +86,7 @@ class Route:
     health_check: HealthCheck
     circuit_breaker: CircuitBreaker
     models_refresh: float
+    max_resumes: int = 2
 
     @property
     def wildcard(self) -> bool:
@@ -144,6 +147,7 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
                 MappingProxyType(dict(endpoint.headers)),
                 1.0,
                 None,
+                endpoint.resume,
             ),
         )
     return tuple(
@@ -154,6 +158,7 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
             MappingProxyType({**endpoint.headers, **backend.headers}),
             backend.weight,
             backend.max_concurrent,
+            endpoint.resume if backend.resume is None else backend.resume,
         )
         for backend in endpoint.backends
     )
@@ -180,6 +185,7 @@ def build_route(public_id: str, endpoint: Endpoint, config: GatewayConfig) -> Ro
         health_check=_or(endpoint.health_check, config.health_check),
         circuit_breaker=_or(endpoint.circuit_breaker, config.circuit_breaker),
         models_refresh=endpoint.models_refresh,
+        max_resumes=endpoint.max_resumes,
     )
 
 

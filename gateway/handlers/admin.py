@@ -58,6 +58,7 @@ def _masked_target(target: Target, backends: Backends, now: float) -> dict[str, 
         "headers": {name: mask(value) for name, value in target.headers.items()},
         "weight": target.weight,
         "maxConcurrent": target.max_concurrent,
+        "resume": target.resume,
         "live": backends.state(target).as_dict(now),
     }
 
@@ -75,6 +76,7 @@ def _masked_config(snapshot: Snapshot, backends: Backends) -> dict[str, Any]:
             "timeouts": route.timeouts.model_dump(by_alias=True),
             "healthCheck": route.health_check.model_dump(by_alias=True),
             "circuitBreaker": route.circuit_breaker.model_dump(by_alias=True),
+            "maxResumes": route.max_resumes,
             "backends": [_masked_target(t, backends, now) for t in route.targets],
         }
     config = snapshot.config
