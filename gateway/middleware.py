@@ -52,6 +52,10 @@ class RequestRecord:
     # Every backend failure this request saw, retried or not (metrics count each).
     failures: list[str] = field(default_factory=list)
     cors_origin: str | None = None  # Access-Control-Allow-Origin for the response, if any
+    # Stream resume: each seam (the backend that died, completion tokens before it), and
+    # each decision taken (outcome, reason) for gateway_stream_resumes_total.
+    seams: list[dict[str, Any]] = field(default_factory=list)
+    resumes: list[tuple[str, str]] = field(default_factory=list)
 
     def fail(self, kind: str) -> None:
         """The backend failed after its response started: the request ends in this error."""
@@ -105,6 +109,8 @@ class Meters:
                 child("ttft", model).observe(ttft)
         for kind in record.failures:
             child("upstream_errors", model, kind).inc()
+        for outcome, reason in record.resumes:
+            child("stream_resumes", model, outcome, reason).inc()
         prompt, completion = record.prompt_tokens, record.completion_tokens
         if prompt is not None:
             child("tokens", model, "prompt").inc(prompt)
@@ -223,6 +229,7 @@ def _finish(request: web.Request, record: RequestRecord, status: int, meters: Me
         "error": record.error,
         "attempts": record.attempts,
         "failures": record.failures or None,
+        "seams": record.seams or None,
     }
     if handler is None:
         (access_log.debug if quiet else access_log.info)("request", **fields)

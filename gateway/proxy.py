@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import aiohttp
 import structlog
@@ -22,8 +23,17 @@ from multidict import CIMultiDictProxy
 from gateway.backends import Backends, Ticket
 from gateway.middleware import RequestRecord
 from gateway.redact import Redactor
-from gateway.relay import BackendAnswer, is_event_stream, is_json_like, relay
+from gateway.relay import (
+    BackendAnswer,
+    StreamCut,
+    end_with_error,
+    is_event_stream,
+    is_json_like,
+    relay,
+    relay_continuation,
+)
 from gateway.request_body import RequestBody
+from gateway.resume import StreamWatch, continued_body, exact_payload, request_refusal
 from gateway.routing import Hop, Route, Target
 from gateway.selection import Policies
 from gateway.upstream import (
@@ -93,6 +103,10 @@ class ProxiedRequest:
     record: RequestRecord
     deadline: Deadline
     tried: set[str] = field(default_factory=set)
+    # Stream resume: backends a continuation may not go to, and the continuation's body.
+    excluded: set[str] = field(default_factory=set)
+    continued: dict[str, Any] | None = None
+    refusal: str | None = None  # why this request's stream could not be resumed, if cut
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
         """Attempts until a backend answers, then its answer to the client."""
@@ -178,7 +192,10 @@ class ProxiedRequest:
         if client.body.payload is not None and "Content-Type" not in headers:
             headers["Content-Type"] = "application/json"
         url = upstream_url(hop, client.tail, client.raw_query)
-        body = client.body.for_hop(hop, ask_usage)
+        if self.continued is None:
+            body = client.body.for_hop(hop, ask_usage)
+        else:
+            body = continued_body(self.continued, hop.upstream_model, ask_usage)
         return await open_response(
             self.session, hop, client.method, url, headers, body, self.deadline
         )
@@ -213,20 +230,113 @@ class ProxiedRequest:
     async def _relay(
         self, request: web.Request, answer: BackendAnswer, ticket: Ticket
     ) -> web.StreamResponse:
-        """Past this point the client has an answer started: failures end it in-band."""
+        """Past this point the client has an answer started: failures end it in-band, or,
+        for a resumable stream, are carried on on another backend (see `_resume`)."""
+        watch = self._watch()
+        response: web.StreamResponse | None = None
+        while True:
+            try:
+                return await self._relay_part(request, response, answer, ticket, watch)
+            except StreamCut as cut:
+                assert watch is not None  # only a watched stream is cut rather than ended
+                response = cut.response
+                resumed = await self._resume(cut, watch, answer.hop.target)
+                if resumed is None:
+                    return response
+                answer, ticket = resumed
+
+    async def _relay_part(
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        answer: BackendAnswer,
+        ticket: Ticket,
+        watch: StreamWatch | None,
+    ) -> web.StreamResponse:
+        """One backend's answer relayed: the whole answer, or one part of a resumed stream."""
         record = self.record
         completed = False
+        failure: str | None = None
         try:
-            response = await relay(request, answer, record, self.deadline, self.redactor)
+            if response is None:
+                response = await relay(request, answer, record, self.deadline, self.redactor, watch)
+            else:
+                assert watch is not None
+                await relay_continuation(response, answer, record, self.deadline, watch)
             completed = record.error is None
             return response
+        except StreamCut as cut:
+            failure = cut.error.kind
+            raise
         finally:
             # The verdict comes when the answer is over: a stream that dies after its
             # headers is a failure, not a success.
-            failure = record.error if record.error != "client_disconnected" else None
+            if failure is None and record.error != "client_disconnected":
+                failure = record.error
             self._verdict(
                 ticket, answer.response, failure or _http_failure(answer.response), completed
             )
+            cut_off = record.streamed and record.error not in (None, "client_disconnected")
+            if watch is None and self.refusal is not None and cut_off:
+                record.resumes.append(("refused", self.refusal))
+
+    # -- stream resume ----------------------------------------------------------------------
+
+    def _watch(self) -> StreamWatch | None:
+        """A watch over the stream when it may be resumed if cut; else None (the plain path).
+        A route with no backend that resumes has no refusals to count either."""
+        route, client = self.route, self.client
+        if not any(t.resume for t in route.targets):
+            return None
+        self.refusal = request_refusal(client.tail, client.body.payload)
+        if self.refusal is not None:
+            if self.refusal in ("endpoint", "not_a_stream"):
+                self.refusal = None  # never a stream to cut
+            return None
+        return StreamWatch.of(client.tail, route.max_resumes)
+
+    async def _resume(
+        self, cut: StreamCut, watch: StreamWatch, died: Target
+    ) -> tuple[BackendAnswer, Ticket] | None:
+        """The stream's continuation from another backend, its first event in; or None,
+        with the stream ended by the error event, when it is not resumed."""
+        record = self.record
+        record.failures.append(cut.error.kind)
+        watch.died.add(died.key)
+        payload = exact_payload(self.client.body.raw)
+        reason = watch.refusal(died.resume, self.deadline.remaining_total(), payload)
+        if reason is None and not self._resume_candidates(watch):
+            reason = "no_backend"
+        if reason is not None:
+            return await self._not_resumed(cut, "refused", reason)
+        record.seams.append(
+            {"backend": died.label, "completion_tokens": watch.so_far.completion_tokens}
+        )
+        self.continued = watch.next_part(payload)
+        self.excluded = {t.key for t in self.route.targets if not t.resume} | watch.died
+        self.tried = set()
+        try:
+            resumed = await self._attempts()
+        except UpstreamError as exc:
+            return await self._not_resumed(cut, "failed", exc.kind)
+        except NoBackend:
+            return await self._not_resumed(cut, "refused", "no_backend")
+        if not is_event_stream(resumed[0].response):
+            # Its answer is an error (or not a stream): no continuation from it.
+            self._verdict(resumed[1], resumed[0].response, _http_failure(resumed[0].response))
+            return await self._not_resumed(cut, "failed", f"http_{resumed[0].response.status}")
+        record.resumes.append(("resumed", ""))
+        log.info("stream resumed", backend=resumed[0].hop.backend_label, seam=watch.seams)
+        return resumed
+
+    def _resume_candidates(self, watch: StreamWatch) -> list[Target]:
+        return [t for t in self.route.targets if t.resume and t.key not in watch.died]
+
+    async def _not_resumed(self, cut: StreamCut, outcome: str, reason: str) -> None:
+        self.record.resumes.append((outcome, reason))
+        log.info("stream not resumed", outcome=outcome, reason=reason)
+        await end_with_error(cut.response, self.record, cut.error)
+        return None
 
     def _verdict(
         self,
@@ -254,11 +364,13 @@ class ProxiedRequest:
     def _choose(self) -> Target | None:
         """The policy's best backend that can take a request now, untried ones first."""
         now = time.monotonic()
-        targets = self.route.targets
+        targets = self._targets()
         backends = self.backends
         if len(targets) == 1:  # nothing to order (a policy's order of one is that one)
             return targets[0] if backends.can_take(targets[0], now) else None
         ordered = self.policies.for_route(self.route).order(targets, backends)
+        if self.excluded:
+            ordered = [t for t in ordered if t.key not in self.excluded]
         ready = [t for t in ordered if backends.can_take(t, now)]
         fresh = [t for t in ready if t.key not in self.tried]
         return (fresh or ready or [None])[0]
@@ -266,14 +378,20 @@ class ProxiedRequest:
     def _alternative(self) -> bool:
         now = time.monotonic()
         return any(
-            t.key not in self.tried and self.backends.can_take(t, now) for t in self.route.targets
+            t.key not in self.tried and self.backends.can_take(t, now) for t in self._targets()
         )
+
+    def _targets(self) -> tuple[Target, ...]:
+        """The route's backends this attempt may go to (a continuation: not every one)."""
+        if not self.excluded:
+            return self.route.targets
+        return tuple(t for t in self.route.targets if t.key not in self.excluded)
 
     async def _wait_for_a_slot(self, until: float) -> None:
         """Every backend is busy (maxConcurrent) or ejected: wait a bounded time, then 503."""
         now = time.monotonic()
         model = self.client.body.model
-        states = [self.backends.state(t) for t in self.route.targets]
+        states = [self.backends.state(t) for t in self._targets()]
         ejected = [s for s in states if s.health(now) != "healthy"]
         if len(ejected) == len(states):
             soonest = min(s.ejected_until for s in ejected) - now

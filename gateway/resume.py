@@ -4,6 +4,7 @@ that the client sees one stream."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,3 +206,58 @@ def _without_role(choice: Any) -> Any | None:
     if not choice.get("finish_reason") and not any(v not in (None, "") for v in delta.values()):
         return None
     return {**choice, "delta": delta}
+
+
+@dataclass
+class StreamWatch:
+    """One resumable stream over all its parts: what the client has, and the seams so far."""
+
+    tail: str
+    max_resumes: int
+    so_far: StreamSoFar
+    seams: int = 0
+    died: set[str] = field(default_factory=set)  # backends (target keys) that cut it
+    splice: Splice | None = None  # the current part's rewriting; None for the first part
+    done: bool = False  # `[DONE]` was relayed
+
+    @classmethod
+    def of(cls, tail: str, max_resumes: int) -> StreamWatch:
+        return cls(tail, max_resumes, StreamSoFar(chat=tail == CHAT))
+
+    def refusal(
+        self, backend_resumes: bool, time_left: float | None, payload: dict[str, Any]
+    ) -> str | None:
+        """Why the stream, cut now, is not continued; None if it may be."""
+        if not backend_resumes:
+            return "not_enabled"
+        if self.seams >= self.max_resumes:
+            return "max_resumes"
+        if time_left is not None and time_left <= 0:
+            return "timeout"
+        left = tokens_left(payload, self.so_far)
+        if self.so_far.finish_reason is not None or (left is not None and left < 1):
+            return "finished"  # cut between its end and [DONE]: nothing left to generate
+        return stream_refusal(self.so_far)
+
+    def next_part(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The continuation's request body; chunks from now on are spliced in."""
+        self.seams += 1
+        identity = self.so_far.identity or {}
+        self.splice = Splice(self.so_far.chat, identity, self.so_far.completion_tokens)
+        return continuation(self.tail, payload, self.so_far)
+
+
+def continued_body(body: dict[str, Any], upstream_model: str, ask_usage: bool) -> bytes:
+    """The continuation as one backend gets it: its model name, and usage asked for when the
+    gateway asks (as `RequestBody.for_hop` does for the client's own request)."""
+    out = {**body, "model": upstream_model}
+    if ask_usage:
+        out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def exact_payload(raw: bytes) -> dict[str, Any]:
+    """The client's JSON body parsed for re-encoding (every integer exact)."""
+    payload = json.loads(raw)
+    assert isinstance(payload, dict)  # the handler accepted it as an object
+    return payload

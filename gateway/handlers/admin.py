@@ -112,6 +112,7 @@ async def debug(request: web.Request) -> web.Response:
             "lastReload": store.last_reload.as_dict() if store.last_reload else None,
             "config": _masked_config(snapshot, request.app[BACKENDS]),
             "limits": request.app[LIMITER].status(),
+            "streamResumes": request.app[METRICS].stream_resume_counts(),
             # Under --workers each process answers for itself: this says which one did.
             "process": {"pid": os.getpid(), "worker": os.environ.get("GATEWAY_WORKER_INDEX")},
         }
