@@ -152,13 +152,21 @@ async def test_a_cut_text_completion_goes_on_after_the_prompt(make_gateway, stor
     assert stories[1].received[-1]["max_tokens"] == 50 - 12
 
 
-async def test_a_stream_cut_twice_is_resumed_twice(make_gateway, stories, http) -> None:
+async def test_a_stream_cut_twice_is_resumed_twice(make_gateway, stories, http, capsys) -> None:
     stories[0].script = Script(die_after=4)
     stories[1].script = Script(die_after=5)
     gw = await make_gateway(config(stories))
     events = await read_stream(http, f"{gw.url}/v1/chat/completions", chat_body())
     assert chat_text(events) == story_text(SEED)
     assert events[-1] == "[DONE]"
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "seams" in line]
+    access = [line for line in lines if line.get("path") == "/v1/chat/completions"]
+    assert access[-1]["seams"] == [
+        {"backend": f"127.0.0.1:{stories[0].port}", "completion_tokens": 4},
+        {"backend": f"127.0.0.1:{stories[1].port}", "completion_tokens": 9},
+    ]
+    assert access[-1]["error"] is None and access[-1]["failures"] == ["died", "died"]
+    assert access[-1]["completion_tokens"] == PIECES
     metrics = await (await http.get(f"{gw.url}/metrics")).text()
     assert 'gateway_stream_resumes_total{model="story",outcome="resumed",reason=""} 2.0' in metrics
     debug = await (await http.get(f"{gw.url}/debug")).json()
