@@ -301,7 +301,6 @@ class ProxiedRequest:
         """The stream's continuation from another backend, its first event in; or None,
         with the stream ended by the error event, when it is not resumed."""
         record = self.record
-        record.failures.append(cut.error.kind)
         watch.died.add(died.key)
         payload = exact_payload(self.client.body.raw)
         reason = watch.refusal(died.resume, self.deadline.remaining_total(), payload)
@@ -309,6 +308,7 @@ class ProxiedRequest:
             reason = "no_backend"
         if reason is not None:
             return await self._not_resumed(cut, "refused", reason)
+        record.failures.append(cut.error.kind)  # ending the stream would count it there
         record.seams.append(
             {"backend": died.label, "completion_tokens": watch.so_far.completion_tokens}
         )
@@ -335,7 +335,8 @@ class ProxiedRequest:
     async def _not_resumed(self, cut: StreamCut, outcome: str, reason: str) -> None:
         self.record.resumes.append((outcome, reason))
         log.info("stream not resumed", outcome=outcome, reason=reason)
-        await end_with_error(cut.response, self.record, cut.error)
+        # A failed continuation's cut was counted at its seam.
+        await end_with_error(cut.response, self.record, cut.error, counted=outcome == "failed")
         return None
 
     def _verdict(
@@ -369,8 +370,6 @@ class ProxiedRequest:
         if len(targets) == 1:  # nothing to order (a policy's order of one is that one)
             return targets[0] if backends.can_take(targets[0], now) else None
         ordered = self.policies.for_route(self.route).order(targets, backends)
-        if self.excluded:
-            ordered = [t for t in ordered if t.key not in self.excluded]
         ready = [t for t in ordered if backends.can_take(t, now)]
         fresh = [t for t in ready if t.key not in self.tried]
         return (fresh or ready or [None])[0]

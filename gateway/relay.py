@@ -381,10 +381,14 @@ def _cut_usage(rewritten: RewrittenEvent) -> bytes | None:
 
 
 async def end_with_error(
-    response: web.StreamResponse, record: RequestRecord, exc: UpstreamError
+    response: web.StreamResponse, record: RequestRecord, exc: UpstreamError, counted: bool = False
 ) -> None:
-    """End a stream that already started so that no client can take it for a finished one."""
-    record.fail(exc.kind)
+    """End a stream that already started so that no client can take it for a finished one.
+    `counted`: the failure is among the record's failures already (a resumed stream's seam)."""
+    if counted:
+        record.error = exc.kind
+    else:
+        record.fail(exc.kind)
     await response.write(encode_data(error_payload(exc.message, UPSTREAM_ERROR, None, exc.kind)))
     await response.write_eof()
 

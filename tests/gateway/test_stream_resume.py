@@ -249,12 +249,20 @@ async def test_a_backend_without_resume_is_not_continued(make_gateway, stories, 
     assert len(stories[1].received) == 0
 
 
-async def test_no_other_backend_ends_with_the_error_event(make_gateway, stories, http) -> None:
+async def test_no_other_backend_ends_with_the_error_event(
+    make_gateway, stories, http, capsys
+) -> None:
     stories[0].script = Script(die_after=4)
     gw = await make_gateway(config(stories[:1]))
     events = await read_stream(http, f"{gw.url}/v1/chat/completions", chat_body())
     assert _ends_with_error(events)
     assert len(stories[0].received) == 1  # the backend that died is not asked to continue
+    access = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "seams" in line]
+    assert (access[-1]["error"], access[-1]["failures"], access[-1]["seams"]) == (
+        "died",
+        ["died"],
+        None,
+    )
 
 
 async def test_more_seams_than_max_resumes_end_with_the_error_event(
@@ -280,6 +288,13 @@ async def test_a_continuation_failing_everywhere_ends_with_the_error_event(
     assert _ends_with_error(events)
     metrics = await (await http.get(f"{gw.url}/metrics")).text()
     assert 'gateway_stream_resumes_total{model="story",outcome="failed"' in metrics
+    # The cut once, and each attempt at a continuation (retries: 2, so B, C, then B again).
+    errors = {line for line in metrics.splitlines() if line.startswith("gateway_upstream_errors_t")}
+    assert errors == {
+        'gateway_upstream_errors_total{kind="died",model="story"} 1.0',
+        'gateway_upstream_errors_total{kind="http_500",model="story"} 2.0',
+        'gateway_upstream_errors_total{kind="http_502",model="story"} 1.0',
+    }
 
 
 async def test_a_stream_past_its_total_timeout_is_not_resumed(make_gateway, stories, http) -> None:
