@@ -74,7 +74,7 @@ def request_refusal(tail: str, payload: Any) -> str | None:
         return "endpoint"
     if not isinstance(payload, dict) or payload.get("stream") is not True:
         return "not_a_stream"
-    if payload.get("n", 1) != 1 or payload.get("best_of", 1) not in (1, None):
+    if payload.get("n") not in (1, None) or payload.get("best_of") not in (1, None):
         return "n"
     if payload.get("logprobs") or payload.get("top_logprobs"):
         return "logprobs"

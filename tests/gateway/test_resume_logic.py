@@ -88,6 +88,7 @@ def test_tool_calls_and_reasoning_refuse(delta: dict[str, Any], reason: str) -> 
         (COMPLETIONS, {"prompt": ["a", "b"], "stream": True}, "prompt"),
         (COMPLETIONS, {"prompt": ["a"], "stream": True}, None),
         (CHAT, {"messages": MESSAGES, "stream": True, "n": 1}, None),
+        (CHAT, {"messages": MESSAGES, "stream": True, "n": None, "logprobs": False}, None),
     ],
 )
 def test_requests_that_can_never_be_resumed(
