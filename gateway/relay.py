@@ -329,7 +329,12 @@ _DONE = object()
 
 def _event_payload(event: bytes) -> Any:
     """An event's JSON data, `_DONE` for `[DONE]`, None for anything else."""
-    data = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2:
+        data = event[6:-2]  # the common event: one `data:` line
+    else:
+        data = b"".join(
+            line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")
+        )
     if data == b"[DONE]":
         return _DONE
     try:
