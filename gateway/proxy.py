@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -22,6 +23,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.backends import Backends, Ticket
 from gateway.middleware import RequestRecord
+from gateway.object_routes import ObjectRoute, ObjectRoutes
 from gateway.redact import Redactor
 from gateway.relay import (
     BackendAnswer,
@@ -44,7 +46,7 @@ from gateway.upstream import (
     open_response,
     upstream_url,
 )
-from wire.errors import UPSTREAM_ERROR, APIError
+from wire.errors import APIError
 from wire.sse import EventTooLarge, SSESplitter
 
 log = structlog.get_logger("gateway.proxy")
@@ -69,6 +71,7 @@ class ClientRequest:
     headers: CIMultiDictProxy[str]
     body: RequestBody
     wants_usage: bool  # a stream that did not ask for usage: the gateway asks for it
+    creates_objects: bool = False  # POST /responses: the answer names an object to remember
 
 
 class NoBackend(Exception):
@@ -102,7 +105,9 @@ class ProxiedRequest:
     client: ClientRequest
     record: RequestRecord
     deadline: Deadline
+    objects: ObjectRoutes | None = None
     tried: set[str] = field(default_factory=set)
+    _remembering: asyncio.Task[None] | None = None
     # Stream resume: backends a continuation may not go to, and the continuation's body.
     excluded: set[str] = field(default_factory=set)
     continued: dict[str, Any] | None = None
@@ -114,16 +119,14 @@ class ProxiedRequest:
             answer, ticket = await self._attempts()
         except UpstreamError as exc:
             self.record.error = exc.kind
-            raise APIError(exc.status, exc.message, UPSTREAM_ERROR, None, exc.kind) from None
+            raise APIError.upstream(exc.status, exc.message, code=exc.kind) from None
         except NoBackend as exc:
             self.record.error = exc.code
-            raise APIError(
+            raise APIError.upstream(
                 exc.status,
                 exc.message,
-                UPSTREAM_ERROR,
-                None,
-                exc.code,
-                headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+                code=exc.code,
+                retry_after=max(1, round(exc.retry_after)),
             ) from None
         return await self._relay(request, answer, ticket)
 
@@ -258,12 +261,11 @@ class ProxiedRequest:
         completed = False
         failure: str | None = None
         try:
-            if response is None:
-                response = await relay(request, answer, record, self.deadline, self.redactor, watch)
-            else:
-                assert watch is not None
-                await relay_continuation(response, answer, record, self.deadline, watch)
+            response = await self._send(request, response, answer, watch)
             completed = record.error is None
+            if self._remembering is not None:
+                # Shared (Redis) before the client can ask another gateway about it.
+                await self._remembering
             return response
         except StreamCut as cut:
             failure = cut.error.kind
@@ -279,6 +281,25 @@ class ProxiedRequest:
             cut_off = record.streamed and record.error not in (None, "client_disconnected")
             if watch is None and self.refusal is not None and cut_off:
                 record.resumes.append(("refused", self.refusal))
+
+    async def _send(
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        answer: BackendAnswer,
+        watch: StreamWatch | None,
+    ) -> web.StreamResponse:
+        """The answer to the client, or a resumed stream's next part into its stream."""
+        if response is not None:
+            assert watch is not None
+            await relay_continuation(response, answer, self.record, self.deadline, watch)
+            return response
+        on_created = None
+        if self.client.creates_objects and self.objects is not None:
+            on_created = self._created_by(answer.hop)
+        return await relay(
+            request, answer, self.record, self.deadline, self.redactor, on_created, watch
+        )
 
     # -- stream resume ----------------------------------------------------------------------
 
@@ -338,6 +359,17 @@ class ProxiedRequest:
         # A failed continuation's cut was counted at its seam.
         await end_with_error(cut.response, self.record, cut.error, counted=outcome == "failed")
         return None
+
+    def _created_by(self, hop: Hop) -> Callable[[str], None]:
+        objects = self.objects
+        assert objects is not None
+        entry = ObjectRoute(hop.route.public_id, hop.public_id, hop.target.key, self.record.key)
+
+        def created(object_id: str) -> None:
+            # A task, started at once: a request naming it while the stream runs finds it.
+            self._remembering = asyncio.ensure_future(objects.remember(object_id, entry))
+
+        return created
 
     def _verdict(
         self,

@@ -42,6 +42,13 @@ class Target:
     headers: Mapping[str, str]
     weight: float
     max_concurrent: int | None
+    # Seconds between DNS look-ups when this target stands for every address its host
+    # resolves to (`discover: "dns"`); None for a plain target.
+    discover_interval: float | None = None
+    # On a discovered address: the configured host, sent as Host and as TLS SNI, while
+    # base_url names the address itself.
+    server_name: str | None = None
+    host_header: str | None = None
     # It can continue a partial assistant message (vLLM, SGLang, the worker): stream resume.
     resume: bool = False
     # Identity of the server for health and load state, shared by every route using it and
@@ -66,6 +73,8 @@ class Target:
     def own_headers(self) -> dict[str, str]:
         """What every request to this backend carries: its configured headers and its key."""
         headers = dict(self.headers)
+        if self.host_header:
+            headers["Host"] = self.host_header
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
@@ -147,7 +156,8 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
                 MappingProxyType(dict(endpoint.headers)),
                 1.0,
                 None,
-                endpoint.resume,
+                endpoint.discover_interval if endpoint.discover else None,
+                resume=endpoint.resume,
             ),
         )
     return tuple(
@@ -158,7 +168,8 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
             MappingProxyType({**endpoint.headers, **backend.headers}),
             backend.weight,
             backend.max_concurrent,
-            endpoint.resume if backend.resume is None else backend.resume,
+            backend.discover_interval if backend.discover else None,
+            resume=endpoint.resume if backend.resume is None else backend.resume,
         )
         for backend in endpoint.backends
     )
