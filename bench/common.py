@@ -241,6 +241,10 @@ class BackendProtocol(asyncio.Protocol):
         lowered = head.lower()
         count = int(_header_number(lowered, _EVENTS))
         chunks = self.answers.stream(model, min(max(count, 1), 10_000) if count else STREAM_EVENTS)
+        if _CONTINUED.search(body):
+            # Stream resume's continuation: the events the client has are left out.
+            given = min(continued_events(body), len(chunks) - 3)
+            chunks = [chunks[0], *chunks[1 + given :]]
         interval = min(_header_number(lowered, _INTERVAL), 60.0)
         if not interval:
             # As fast as it can, but one send() per event, as a model server flushes each one.
@@ -300,6 +304,20 @@ class BackendProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+_CONTINUED = re.compile(rb'"continue_final_message"\s*:\s*true')
+
+
+def continued_events(body: bytes) -> int:
+    """How many content events a continuation request (stream resume, with
+    `continue_final_message`) says the client has: its last message holds their text,
+    ` word00 word01 ...`."""
+    try:
+        content = json.loads(body)["messages"][-1].get("content")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return 0
+    return str(content or "").count(" word")
 
 
 def _header_number(head: bytes, name: bytes) -> float:

@@ -9,7 +9,7 @@ process) and the real gateway (`python -m gateway`) with the three as one model,
 loopback. `--streams` clients then loop for `--minutes`: each starts a streaming chat
 completion (20-50 events, 20 ms apart), reads it to the end and classifies it:
 
-- ok: every event, then `data: [DONE]`;
+- ok: every event, with the right text and one chunk id, then `data: [DONE]`;
 - failed-explicit: an HTTP error status with an OpenAI error body, or an error event in the
   stream (and no `[DONE]` after it);
 - hung: the client's own timeout (`--timeout`) ran out first;
@@ -26,6 +26,10 @@ At the end it prints the four counts and their rates, the gateway's open file de
 3 s idle, the backends' in-flight counts from the gateway's `/debug`, a short check that
 streams work again once the chaos stops, and the warning and error lines of the gateway's log.
 Exit status 1 when any request hung or was malformed, else 0. bench/README.md records a run.
+
+With `--resume` the model has `"resume": true`: a stream its backend kills, cuts or stalls
+goes on on another backend (the fake backends continue a partial answer, as vLLM does with
+`continue_final_message`), so the share of streams completed whole should be near 100 %.
 """
 
 from __future__ import annotations
@@ -93,6 +97,16 @@ _TCP_STATES = {
     "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
     "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING",
 }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Checking a stream
+# --------------------------------------------------------------------------------------------
+
+
+def expected_text(count: int) -> str:
+    """The content of a whole soak stream of `count` events (the last one has none)."""
+    return "".join(f" word{i:02d}" for i in range(count - 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +264,8 @@ async def one_stream(session: Any, url: str, limit_s: float, started: float) -> 
     error: dict[str, Any] | None = None
     after_done = 0
     request_id = ""
+    text: list[str] = []
+    ids: set[Any] = set()
 
     def outcome(kind: str, detail: str) -> Outcome:
         return Outcome(kind, detail, time.monotonic() - t0, t0 - started, request_id)
@@ -290,6 +306,9 @@ async def one_stream(session: Any, url: str, limit_s: float, started: float) -> 
                             error = obj["error"]
                         elif error is None:
                             events += 1
+                            ids.add(obj.get("id"))
+                            for choice in obj.get("choices") or ():
+                                text.append((choice.get("delta") or {}).get("content") or "")
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 if error is not None:
                     return outcome("failed-explicit", f"error event {error.get('code')}, then cut")
@@ -311,6 +330,8 @@ async def one_stream(session: Any, url: str, limit_s: float, started: float) -> 
         return outcome("malformed", "stream ended without [DONE] and without an error event")
     if events != count or after_done:
         return outcome("malformed", f"[DONE] after {events}/{count} events (+{after_done} after)")
+    if "".join(text) != expected_text(count) or len(ids) != 1:
+        return outcome("malformed", f"[DONE] after the wrong text, or {len(ids)} chunk ids")
     return outcome("ok", "")
 
 
@@ -496,8 +517,12 @@ def print_report(args: argparse.Namespace, result: dict[str, Any], log_path: Pat
         f"gateway soak {date}: {args.streams} streams for {args.minutes:g} min "
         f"({seconds:.1f} s with the drain), {BACKENDS} backends, chaos every "
         f"{args.chaos_interval:g} s, client timeout {args.timeout:g} s, {os.cpu_count()} CPU(s)"
+        f", resume {'on' if args.resume else 'off'}"
     )
     print(f"\n  requests {total:,} ({total / seconds:.1f}/s)")
+    whole = tally.count("ok")
+    print(f"  completed whole (every event, the right text, one id, [DONE]): "
+          f"{100 * whole / max(total, 1):.2f} %")  # fmt: skip
     for kind in CLASSES:
         n = tally.count(kind)
         durations = [o.seconds for o in tally.outcomes if o.kind == kind]
@@ -592,6 +617,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(a for a, _, _ in ACTIONS),
         help="the failures to draw from, comma-separated (default: all of them)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help='the model gets "resume": true: a stream cut after its first byte goes on '
+        "on another backend (the fake backends continue a partial answer)",
+    )
     parser.add_argument("--seed", type=int, help="random seed, to replay a chaos sequence")
     parser.add_argument("--gateway-log", help="keep the gateway's JSON log at this path")
     parser.add_argument("--serve-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -630,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / "config").mkdir()  # a folder of its own: the gateway watches it
         config = workdir / "config" / "gateway.json"
         backends = [{"url": f"http://{HOST}:{port}/v1"} for port in fleet.ports]
-        endpoint = {"backends": backends, "strategy": "least-busy"}
+        endpoint = {"backends": backends, "strategy": "least-busy", "resume": args.resume}
         config.write_text(json.dumps({"endpoints": {MODEL: endpoint}, **GATEWAY_CONFIG}))
         env = gateway_environment()
         with log_path.open("wb") as log_file:

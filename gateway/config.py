@@ -119,6 +119,8 @@ class Backend(_Strict):
     # discoverInterval seconds (gateway/dns_discovery.py).
     discover: Literal["dns"] | None = None
     discover_interval: float = Field(10.0, gt=0, alias="discoverInterval")
+    # Stream resume for this backend alone; unset takes the endpoint's `resume`.
+    resume: bool | None = None
 
 
 class Routing(_Strict):
@@ -155,6 +157,10 @@ class Endpoint(RoutingOverrides):
     discover_interval: float = Field(10.0, gt=0, alias="discoverInterval")
     # Wildcard routes: how often the backend's own model list is refreshed.
     models_refresh: float = Field(60.0, gt=0, alias="modelsRefresh")
+    # Stream resume: a stream cut after its first byte goes on on another backend. Off by
+    # default: hosted APIs cannot continue a partial assistant message.
+    resume: bool = False
+    max_resumes: int = Field(2, ge=0, le=10, alias="maxResumes")  # seams per stream
 
     @field_validator("enabled", mode="before")
     @classmethod

@@ -66,6 +66,13 @@ class Metrics:
             ["model", "kind"],
             registry=r,
         )
+        self.stream_resumes = Counter(
+            "gateway_stream_resumes_total",
+            "Streams cut after their first byte: resumed on another backend (one per seam), "
+            "refused (reason: why not) or failed (no continuation came).",
+            ["model", "outcome", "reason"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_in_flight_requests",
             "Requests being proxied right now.",
@@ -123,6 +130,16 @@ class Metrics:
         self._models: frozenset[str] = frozenset()
         self.set_models(models)
         self._backends: _BackendGauges | None = None
+
+    def stream_resume_counts(self) -> dict[str, int]:
+        """Seams resumed, and cut streams refused or failed, by this process (for /debug)."""
+        counts = {"resumed": 0, "refused": 0, "failed": 0}
+        for metric in self.stream_resumes.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    outcome = sample.labels["outcome"]
+                    counts[outcome] = counts.get(outcome, 0) + int(sample.value)
+        return counts
 
     def watch_backends(
         self, backends: Backends, routes: Callable[[], Mapping[str, Route]] = dict

@@ -56,6 +56,10 @@ class RequestRecord:
     failures: list[str] = field(default_factory=list)
     cors_origin: str | None = None  # Access-Control-Allow-Origin for the response, if any
     span: RequestSpan | None = None  # its trace, when tracing is on and a model was routed
+    # Stream resume: each seam (the backend that died, completion tokens before it), and
+    # each decision taken (outcome, reason) for gateway_stream_resumes_total.
+    seams: list[dict[str, Any]] = field(default_factory=list)
+    resumes: list[tuple[str, str]] = field(default_factory=list)
 
     def fail(self, kind: str) -> None:
         """The backend failed after its response started: the request ends in this error."""
@@ -109,6 +113,8 @@ class Meters:
                 child("ttft", model).observe(ttft)
         for kind in record.failures:
             child("upstream_errors", model, kind).inc()
+        for outcome, reason in record.resumes:
+            child("stream_resumes", model, outcome, reason).inc()
         prompt, completion = record.prompt_tokens, record.completion_tokens
         if prompt is not None:
             child("tokens", model, "prompt").inc(prompt)
@@ -229,6 +235,7 @@ def _finish(request: web.Request, record: RequestRecord, status: int, meters: Me
         "error": record.error,
         "attempts": record.attempts,
         "failures": record.failures or None,
+        "seams": record.seams or None,
     }
     if handler is None:
         (access_log.debug if quiet else access_log.info)("request", **fields)

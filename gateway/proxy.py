@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -25,8 +25,17 @@ from gateway.backends import Backends, Ticket
 from gateway.middleware import RequestRecord
 from gateway.object_routes import ObjectRoute, ObjectRoutes
 from gateway.redact import Redactor
-from gateway.relay import BackendAnswer, is_event_stream, is_json_like, relay
+from gateway.relay import (
+    BackendAnswer,
+    StreamCut,
+    end_with_error,
+    is_event_stream,
+    is_json_like,
+    relay,
+    relay_continuation,
+)
 from gateway.request_body import RequestBody
+from gateway.resume import StreamWatch, continued_body, exact_payload, request_refusal
 from gateway.routing import Hop, Route, Target
 from gateway.selection import Policies
 from gateway.upstream import (
@@ -103,6 +112,10 @@ class ProxiedRequest:
     tried: set[str] = field(default_factory=set)
     attempt_span: AttemptSpan | None = None  # the attempt's trace, when tracing is on
     _remembering: asyncio.Task[None] | None = None
+    # Stream resume: backends a continuation may not go to, and the continuation's body.
+    excluded: set[str] = field(default_factory=set)
+    continued: dict[str, Any] | None = None
+    refusal: str | None = None  # why this request's stream could not be resumed, if cut
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
         """Attempts until a backend answers, then its answer to the client."""
@@ -191,7 +204,10 @@ class ProxiedRequest:
         if self.attempt_span is not None:
             self.attempt_span.inject(headers)  # traceparent: this attempt, in the client's trace
         url = upstream_url(hop, client.tail, client.raw_query)
-        body = client.body.for_hop(hop, ask_usage)
+        if self.continued is None:
+            body = client.body.for_hop(hop, ask_usage)
+        else:
+            body = continued_body(self.continued, hop.upstream_model, ask_usage)
         return await open_response(
             self.session, hop, client.method, url, headers, body, self.deadline
         )
@@ -227,28 +243,132 @@ class ProxiedRequest:
     async def _relay(
         self, request: web.Request, answer: BackendAnswer, ticket: Ticket
     ) -> web.StreamResponse:
-        """Past this point the client has an answer started: failures end it in-band."""
+        """Past this point the client has an answer started: failures end it in-band, or,
+        for a resumable stream, are carried on on another backend (see `_resume`)."""
+        watch = self._watch()
+        response: web.StreamResponse | None = None
+        while True:
+            try:
+                return await self._relay_part(request, response, answer, ticket, watch)
+            except StreamCut as cut:
+                assert watch is not None  # only a watched stream is cut rather than ended
+                response = cut.response
+                resumed = await self._resume(cut, watch, answer.hop.target)
+                if resumed is None:
+                    return response
+                answer, ticket = resumed
+
+    async def _relay_part(
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        answer: BackendAnswer,
+        ticket: Ticket,
+        watch: StreamWatch | None,
+    ) -> web.StreamResponse:
+        """One backend's answer relayed: the whole answer, or one part of a resumed stream."""
         record = self.record
         completed = False
-        on_created = None
-        if self.client.creates_objects and self.objects is not None:
-            on_created = self._created_by(answer.hop)
+        failure: str | None = None
         try:
-            response = await relay(
-                request, answer, record, self.deadline, self.redactor, on_created
-            )
+            response = await self._send(request, response, answer, watch)
             completed = record.error is None
             if self._remembering is not None:
                 # Shared (Redis) before the client can ask another gateway about it.
                 await self._remembering
             return response
+        except StreamCut as cut:
+            failure = cut.error.kind
+            raise
         finally:
             # The verdict comes when the answer is over: a stream that dies after its
             # headers is a failure, not a success.
-            failure = record.error if record.error != "client_disconnected" else None
+            if failure is None and record.error != "client_disconnected":
+                failure = record.error
             self._verdict(
                 ticket, answer.response, failure or _http_failure(answer.response), completed
             )
+            cut_off = record.streamed and record.error not in (None, "client_disconnected")
+            if watch is None and self.refusal is not None and cut_off:
+                record.resumes.append(("refused", self.refusal))
+
+    async def _send(
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        answer: BackendAnswer,
+        watch: StreamWatch | None,
+    ) -> web.StreamResponse:
+        """The answer to the client, or a resumed stream's next part into its stream."""
+        if response is not None:
+            assert watch is not None
+            await relay_continuation(response, answer, self.record, self.deadline, watch)
+            return response
+        on_created = None
+        if self.client.creates_objects and self.objects is not None:
+            on_created = self._created_by(answer.hop)
+        return await relay(
+            request, answer, self.record, self.deadline, self.redactor, on_created, watch
+        )
+
+    # -- stream resume ----------------------------------------------------------------------
+
+    def _watch(self) -> StreamWatch | None:
+        """A watch over the stream when it may be resumed if cut; else None (the plain path).
+        A route with no backend that resumes has no refusals to count either."""
+        route, client = self.route, self.client
+        if not any(t.resume for t in route.targets):
+            return None
+        self.refusal = request_refusal(client.tail, client.body.payload)
+        if self.refusal is not None:
+            if self.refusal in ("endpoint", "not_a_stream"):
+                self.refusal = None  # never a stream to cut
+            return None
+        return StreamWatch.of(client.tail, route.max_resumes)
+
+    async def _resume(
+        self, cut: StreamCut, watch: StreamWatch, died: Target
+    ) -> tuple[BackendAnswer, Ticket] | None:
+        """The stream's continuation from another backend, its first event in; or None,
+        with the stream ended by the error event, when it is not resumed."""
+        record = self.record
+        watch.died.add(died.key)
+        payload = exact_payload(self.client.body.raw)
+        reason = watch.refusal(died.resume, self.deadline.remaining_total(), payload)
+        if reason is None and not self._resume_candidates(watch):
+            reason = "no_backend"
+        if reason is not None:
+            return await self._not_resumed(cut, "refused", reason)
+        record.failures.append(cut.error.kind)  # ending the stream would count it there
+        record.seams.append(
+            {"backend": died.label, "completion_tokens": watch.so_far.completion_tokens}
+        )
+        self.continued = watch.next_part(payload)
+        self.excluded = {t.key for t in self.route.targets if not t.resume} | watch.died
+        self.tried = set()
+        try:
+            resumed = await self._attempts()
+        except UpstreamError as exc:
+            return await self._not_resumed(cut, "failed", exc.kind)
+        except NoBackend:
+            return await self._not_resumed(cut, "refused", "no_backend")
+        if not is_event_stream(resumed[0].response):
+            # Its answer is an error (or not a stream): no continuation from it.
+            self._verdict(resumed[1], resumed[0].response, _http_failure(resumed[0].response))
+            return await self._not_resumed(cut, "failed", f"http_{resumed[0].response.status}")
+        record.resumes.append(("resumed", ""))
+        log.info("stream resumed", backend=resumed[0].hop.backend_label, seam=watch.seams)
+        return resumed
+
+    def _resume_candidates(self, watch: StreamWatch) -> list[Target]:
+        return [t for t in self.route.targets if t.resume and t.key not in watch.died]
+
+    async def _not_resumed(self, cut: StreamCut, outcome: str, reason: str) -> None:
+        self.record.resumes.append((outcome, reason))
+        log.info("stream not resumed", outcome=outcome, reason=reason)
+        # A failed continuation's cut was counted at its seam.
+        await end_with_error(cut.response, self.record, cut.error, counted=outcome == "failed")
+        return None
 
     def _created_by(self, hop: Hop) -> Callable[[str], None]:
         objects = self.objects
@@ -294,7 +414,7 @@ class ProxiedRequest:
     def _choose(self) -> Target | None:
         """The policy's best backend that can take a request now, untried ones first."""
         now = time.monotonic()
-        targets = self.route.targets
+        targets = self._targets()
         backends = self.backends
         if len(targets) == 1:  # nothing to order (a policy's order of one is that one)
             return targets[0] if backends.can_take(targets[0], now) else None
@@ -306,14 +426,20 @@ class ProxiedRequest:
     def _alternative(self) -> bool:
         now = time.monotonic()
         return any(
-            t.key not in self.tried and self.backends.can_take(t, now) for t in self.route.targets
+            t.key not in self.tried and self.backends.can_take(t, now) for t in self._targets()
         )
+
+    def _targets(self) -> tuple[Target, ...]:
+        """The route's backends this attempt may go to (a continuation: not every one)."""
+        if not self.excluded:
+            return self.route.targets
+        return tuple(t for t in self.route.targets if t.key not in self.excluded)
 
     async def _wait_for_a_slot(self, until: float) -> None:
         """Every backend is busy (maxConcurrent) or ejected: wait a bounded time, then 503."""
         now = time.monotonic()
         model = self.client.body.model
-        states = [self.backends.state(t) for t in self.route.targets]
+        states = [self.backends.state(t) for t in self._targets()]
         ejected = [s for s in states if s.health(now) != "healthy"]
         if len(ejected) == len(states):
             soonest = min(s.ejected_until for s in ejected) - now

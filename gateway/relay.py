@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 
 from gateway.middleware import RequestRecord
 from gateway.redact import Redactor
+from gateway.resume import Splice, StreamWatch
 from gateway.rewrite import (
     ModelSwap,
     RewrittenEvent,
@@ -69,13 +70,15 @@ async def relay(
     deadline: Deadline,
     redactor: Redactor,
     on_created: Callable[[str], None] | None = None,
+    watch: StreamWatch | None = None,
 ) -> web.StreamResponse:
     """The answer to the client, in the shape the backend's response calls for.
-    `on_created` hears the id of a Responses API object the answer carries."""
+    `on_created` hears the id of a Responses API object the answer carries. With a `watch`
+    (stream resume), a stream that fails raises StreamCut instead of ending."""
     upstream, hop = answer.response, answer.hop
     record.upstream_status = upstream.status
     if is_event_stream(upstream):
-        return await _relay_events(request, answer, record, deadline, on_created)
+        return await _relay_events(request, answer, record, deadline, on_created, watch)
     if is_json_like(upstream):
         return await _relay_json(upstream, hop, record, answer.head, redactor, on_created)
     return await _relay_bytes(request, upstream, hop, record, _body(answer, deadline))
@@ -130,6 +133,7 @@ async def _relay_events(
     record: RequestRecord,
     deadline: Deadline,
     on_created: Callable[[str], None] | None,
+    watch: StreamWatch | None,
 ) -> web.StreamResponse:
     upstream, hop = answer.response, answer.hop
     response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
@@ -137,15 +141,55 @@ async def _relay_events(
     response.headers.update(NO_BUFFERING)
     await response.prepare(request)
     record.streamed = True
-    events = _EventRewriter(hop.public_id, record, answer.usage_added, on_created)
+    if watch is None:
+        events = _EventRewriter(hop.public_id, record, answer.usage_added, on_created)
+    else:
+        events = _WatchedEvents(hop.public_id, record, answer.usage_added, watch)
     reader = None if answer.complete else BodyReader(upstream, hop, deadline)
-    try:
-        await _pump_events(response, events, reader, answer.head)
-    except EventTooLarge as exc:
-        await _end_with_error(response, record, UpstreamError("event_too_large", 502, str(exc)))
-    except UpstreamError as exc:
-        await _end_with_error(response, record, exc)
+    await _pump_or_cut(response, events, reader, answer.head, record, watch is not None)
     return response
+
+
+async def relay_continuation(
+    response: web.StreamResponse,
+    answer: BackendAnswer,
+    record: RequestRecord,
+    deadline: Deadline,
+    watch: StreamWatch,
+) -> None:
+    """A resumed stream's next part, into the client's stream that is already open."""
+    events = _WatchedEvents(answer.hop.public_id, record, answer.usage_added, watch)
+    reader = None if answer.complete else BodyReader(answer.response, answer.hop, deadline)
+    await _pump_or_cut(response, events, reader, answer.head, record, True)
+
+
+class StreamCut(Exception):
+    """A watched stream failed after its first byte: it may be resumed, or ended."""
+
+    def __init__(self, response: web.StreamResponse, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.response = response
+        self.error = error
+
+
+async def _pump_or_cut(
+    response: web.StreamResponse,
+    events: _EventRewriter,
+    reader: BodyReader | None,
+    head: bytes,
+    record: RequestRecord,
+    watched: bool,
+) -> None:
+    try:
+        await _pump_events(response, events, reader, head)
+        return
+    except EventTooLarge as exc:
+        error = UpstreamError("event_too_large", 502, str(exc))
+    except UpstreamError as exc:
+        error = exc
+    if watched:
+        raise StreamCut(response, error)
+    await end_with_error(response, record, error)
 
 
 async def _pump_events(
@@ -245,6 +289,83 @@ class _EventRewriter:
         await response.write_eof(out)
 
 
+class _WatchedEvents(_EventRewriter):
+    """A resumable stream's events: what the client is sent is taken note of (the text, the
+    first chunk's id), and a continuation's chunks are spliced in as the same stream."""
+
+    __slots__ = ("_watch",)
+
+    def __init__(
+        self, public_id: str, record: RequestRecord, strip_usage: bool, watch: StreamWatch
+    ) -> None:
+        super().__init__(public_id, record, strip_usage)
+        self._watch = watch
+
+    def _event(self, event: bytes) -> bytes | None:
+        watch = self._watch
+        if watch.splice is not None:
+            return self._spliced(event, watch.splice)
+        data = super()._event(event)
+        # A second parse, on resume routes only: the plain path does not keep its payload.
+        payload = _event_payload(event)
+        if payload is _DONE:
+            watch.done = True
+        elif data is not None:
+            watch.so_far.observe(payload)
+        return data
+
+    def _spliced(self, event: bytes, splice: Splice) -> bytes | None:
+        rewritten = rewrite_event(event, self._public_id)
+        if rewritten.payload is None:
+            if _event_payload(event) is _DONE:
+                self._watch.done = True
+            return rewritten.data
+        payload = splice.chunk(rewritten.exact_payload(self._public_id))
+        if payload is None:
+            return None
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        if isinstance(usage, dict):
+            found = usage_of(payload)
+            if found:
+                self._record.prompt_tokens, self._record.completion_tokens = found
+        if self._strip_usage and isinstance(payload, dict) and "usage" in payload:
+            if not payload.get("choices"):
+                return None
+            payload = {k: v for k, v in payload.items() if k != "usage"}
+        self._watch.so_far.observe(payload)
+        return b"data: " + dumps(payload) + b"\n\n"
+
+    async def end(self, response: web.StreamResponse, out: bytes) -> None:
+        """A watched stream is over only with its `[DONE]`: a backend whose connection
+        closed cleanly before it (a process killed mid-write can look so) died."""
+        if not self._watch.done and not self._splitter.pending.strip():
+            if out:
+                await response.write(out)
+            raise UpstreamError(
+                "died", 502, f"backend for model '{self._public_id}' ended the stream early"
+            )
+        await super().end(response, out)
+
+
+_DONE = object()
+
+
+def _event_payload(event: bytes) -> Any:
+    """An event's JSON data, `_DONE` for `[DONE]`, None for anything else."""
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2:
+        data = event[6:-2]  # the common event: one `data:` line
+    else:
+        data = b"".join(
+            line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")
+        )
+    if data == b"[DONE]":
+        return _DONE
+    try:
+        return loads(data) if data else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
 def _without_usage(rewritten: RewrittenEvent, public_id: str) -> bytes | None:
     """The event as the client would have had it without the gateway's usage request: the
     usage-only chunk disappears, and a chunk that also carries choices loses its `usage`,
@@ -307,11 +428,15 @@ def _usage_member(text: bytes, usage: Any) -> tuple[int, int] | None:
     return at, at + len(member)
 
 
-async def _end_with_error(
-    response: web.StreamResponse, record: RequestRecord, exc: UpstreamError
+async def end_with_error(
+    response: web.StreamResponse, record: RequestRecord, exc: UpstreamError, counted: bool = False
 ) -> None:
-    """End a stream that already started so that no client can take it for a finished one."""
-    record.fail(exc.kind)
+    """End a stream that already started so that no client can take it for a finished one.
+    `counted`: the failure is among the record's failures already (a resumed stream's seam)."""
+    if counted:
+        record.error = exc.kind
+    else:
+        record.fail(exc.kind)
     await response.write(
         encode_data(error_payload(exc.message, type_=UPSTREAM_ERROR, code=exc.kind))
     )

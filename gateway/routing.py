@@ -49,6 +49,8 @@ class Target:
     # base_url names the address itself.
     server_name: str | None = None
     host_header: str | None = None
+    # It can continue a partial assistant message (vLLM, SGLang, the worker): stream resume.
+    resume: bool = False
     # Identity of the server for health and load state, shared by every route using it and
     # kept across reloads. Computed once: selection and accounting look it up per request.
     key: str = field(init=False, compare=False, repr=False)
@@ -93,6 +95,7 @@ class Route:
     health_check: HealthCheck
     circuit_breaker: CircuitBreaker
     models_refresh: float
+    max_resumes: int = 2
 
     @property
     def wildcard(self) -> bool:
@@ -154,6 +157,7 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
                 1.0,
                 None,
                 endpoint.discover_interval if endpoint.discover else None,
+                resume=endpoint.resume,
             ),
         )
     return tuple(
@@ -165,6 +169,7 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
             backend.weight,
             backend.max_concurrent,
             backend.discover_interval if backend.discover else None,
+            resume=endpoint.resume if backend.resume is None else backend.resume,
         )
         for backend in endpoint.backends
     )
@@ -191,6 +196,7 @@ def build_route(public_id: str, endpoint: Endpoint, config: GatewayConfig) -> Ro
         health_check=_or(endpoint.health_check, config.health_check),
         circuit_breaker=_or(endpoint.circuit_breaker, config.circuit_breaker),
         models_refresh=endpoint.models_refresh,
+        max_resumes=endpoint.max_resumes,
     )
 
 

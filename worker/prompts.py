@@ -16,8 +16,13 @@ class PromptError(ValueError):
 
 
 def chat_prompt_ids(
-    tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> list[int]:
+    """With `continue_final_message`, the last (assistant) message is left open: the prompt
+    ends with its text and generation carries on from there."""
     try:
         conversation = [
             # Most chat templates predate the `developer` role; it means system.
@@ -28,7 +33,10 @@ def chat_prompt_ids(
         raise PromptError(exc.param, str(exc)) from None
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+            conversation,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
         )
     except Exception as exc:  # jinja's raise_exception (e.g. roles must alternate)
         raise PromptError("messages", f"The chat template rejected the messages: {exc}") from exc

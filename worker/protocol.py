@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
@@ -102,6 +109,25 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM extensions: continue a partial assistant message instead of opening a new turn
+    # (the gateway's stream resume sends these).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continues_an_assistant_message(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value:
+            return value
+        if info.data.get("add_generation_prompt", True):
+            # As vLLM: a new assistant turn and a continued one at once is a contradiction.
+            raise ValueError(
+                "cannot set both continue_final_message and add_generation_prompt to true"
+            )
+        messages = info.data.get("messages") or []
+        if messages and messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        return value
 
     def check_supported(self) -> None:
         super().check_supported()

@@ -53,6 +53,7 @@ def _masked_target(target: Target, backends: Backends, now: float) -> dict[str, 
         "headers": {name: mask(value) for name, value in target.headers.items()},
         "weight": target.weight,
         "maxConcurrent": target.max_concurrent,
+        "resume": target.resume,
         "live": backends.state(target).as_dict(now),
     }
 
@@ -71,6 +72,7 @@ def _masked_config(snapshot: Snapshot, backends: Backends, dns: DnsDiscovery) ->
             "timeouts": route.timeouts.model_dump(by_alias=True),
             "healthCheck": route.health_check.model_dump(by_alias=True),
             "circuitBreaker": route.circuit_breaker.model_dump(by_alias=True),
+            "maxResumes": route.max_resumes,
             "backends": [_masked_target(t, backends, now) for t in route.targets],
         }
     config = snapshot.config
@@ -109,6 +111,7 @@ async def debug(request: web.Request) -> web.Response:
             "config": _masked_config(snapshot, request.app[BACKENDS], request.app[DNS]),
             "limits": request.app[LIMITER].status(),
             "discovery": request.app[DNS].status(),
+            "streamResumes": request.app[METRICS].stream_resume_counts(),
             # Under --workers each process answers for itself: this says which one did.
             "process": {"pid": os.getpid(), "worker": os.environ.get("GATEWAY_WORKER_INDEX")},
         }

@@ -208,3 +208,31 @@ def test_enabled_rejects_other_words(tmp_path: Path) -> None:
     )
     (error,) = errors_of(path)
     assert error.startswith("endpoints.m.enabled: must be true or false")
+
+
+def test_resume_is_off_by_default_and_set_per_endpoint_or_backend(tmp_path: Path) -> None:
+    config = {
+        "endpoints": {
+            "plain": {"url": "http://x"},
+            "on": {"url": "http://y", "resume": True, "maxResumes": 5},
+            "mixed": {
+                "backends": [
+                    {"url": "http://a", "resume": True},
+                    {"url": "http://b"},
+                ]
+            },
+            "all-but-one": {
+                "resume": True,
+                "backends": [{"url": "http://c"}, {"url": "http://d", "resume": False}],
+            },
+        }
+    }
+    path = write(tmp_path, "c.json", json.dumps(config))
+    snapshot = Snapshot(load_config(path, {}), str(path), 1)
+    plain, on = snapshot.resolve("plain"), snapshot.resolve("on")
+    assert [t.resume for t in plain.targets] == [False] and plain.max_resumes == 2
+    assert [t.resume for t in on.targets] == [True] and on.max_resumes == 5
+    assert [t.resume for t in snapshot.resolve("mixed").targets] == [True, False]
+    assert [t.resume for t in snapshot.resolve("all-but-one").targets] == [True, False]
+    bad = write(tmp_path, "bad.json", '{"endpoints": {"m": {"url": "http://x", "maxResumes": -1}}}')
+    assert errors_of(bad) == ["endpoints.m.maxResumes: Input should be greater than or equal to 0"]

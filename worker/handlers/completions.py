@@ -89,7 +89,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse(ChatCompletionRequest, await read_json(request))
     check_model(state, req.model)
     try:
-        prompt_ids = chat_prompt_ids(state.loaded.tokenizer, req.messages)
+        prompt_ids = chat_prompt_ids(
+            state.loaded.tokenizer,
+            req.messages,
+            req.add_generation_prompt,
+            req.continue_final_message,
+        )
     except PromptError as exc:
         raise APIError.bad_request(str(exc), param=exc.param, code="invalid_prompt") from None
     params = sampling_params(
