@@ -13,6 +13,7 @@ from yarl import URL
 
 from gateway.access import KeyRing
 from gateway.config import (
+    CacheAware,
     CircuitBreaker,
     Endpoint,
     GatewayConfig,
@@ -42,6 +43,7 @@ class Target:
     headers: Mapping[str, str]
     weight: float
     max_concurrent: int | None
+    cache_tokens: int | None = None  # its prefix-cache size, when configured
     # Identity of the server for health and load state, shared by every route using it and
     # kept across reloads. Computed once: selection and accounting look it up per request.
     key: str = field(init=False, compare=False, repr=False)
@@ -84,6 +86,7 @@ class Route:
     health_check: HealthCheck
     circuit_breaker: CircuitBreaker
     models_refresh: float
+    cache_aware: CacheAware = field(default_factory=CacheAware)
 
     @property
     def wildcard(self) -> bool:
@@ -154,6 +157,7 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
             MappingProxyType({**endpoint.headers, **backend.headers}),
             backend.weight,
             backend.max_concurrent,
+            backend.cache_tokens,
         )
         for backend in endpoint.backends
     )
@@ -180,6 +184,7 @@ def build_route(public_id: str, endpoint: Endpoint, config: GatewayConfig) -> Ro
         health_check=_or(endpoint.health_check, config.health_check),
         circuit_breaker=_or(endpoint.circuit_breaker, config.circuit_breaker),
         models_refresh=endpoint.models_refresh,
+        cache_aware=_or(endpoint.cache_aware, config.cache_aware),
     )
 
 
