@@ -85,7 +85,13 @@ async def _load(state: WorkerState, loader: Loader) -> None:
         )
         state.engine = engine
         await asyncio.to_thread(engine.start)
-        state.metrics.watch(lambda: engine.running, lambda: engine.waiting)
+        state.metrics.watch(
+            lambda: engine.running,
+            lambda: engine.waiting,
+            engine.kv_usage,
+            engine.kv_capacity_tokens,
+            engine.page_size,
+        )
         state.status = "ok"
         log.info("worker_ready", model=loaded.served_name)
     except asyncio.CancelledError:

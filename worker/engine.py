@@ -76,6 +76,7 @@ class Engine:
         self.running = 0
         self.waiting = 0
         self.kv_capacity_tokens = 0
+        self.page_size = 0
 
     # -- lifecycle (blocking; call from a worker thread) -------------------------------
 
@@ -104,6 +105,7 @@ class Engine:
         if kv_tokens:
             page = cb_kwargs.get("page_size", ContinuousBatchingConfig.page_size)
             cb_kwargs["num_blocks"] = max(1, -(-kv_tokens // page))
+        self.page_size = cb_kwargs.get("page_size", ContinuousBatchingConfig.page_size)
         generation_config = GenerationConfig(
             do_sample=False,  # the sampler picks tokens; the manager's argmax only reads them
             eos_token_id=self.loaded.eos_token_ids or -1,
@@ -144,6 +146,15 @@ class Engine:
                 kv_cache_tokens=self.kv_capacity_tokens,
             )
             self.loaded.max_model_len = self.kv_capacity_tokens
+
+    def kv_usage(self) -> float:
+        """The fraction of the KV cache's sectors in use (what vLLM calls kv_cache_usage_perc),
+        read without a lock from the manager's pool: a gauge may be a step behind."""
+        try:
+            pool = self._manager.batch_processor.cache.pool
+            return 1.0 - pool.num_free_sectors / max(1, pool.num_sectors)
+        except AttributeError:  # not started, or stopped
+            return 0.0
 
     def stop(self) -> None:
         # The generation thread is not a daemon: without this the process never exits.
