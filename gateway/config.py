@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -44,11 +47,18 @@ class Timeouts(_Strict):
     total: float | None = Field(None, gt=0)
 
 
-class TimeoutsOverride(_Strict):
-    connect: float | None = Field(None, gt=0)
-    first_byte: float | None = Field(None, gt=0, alias="firstByte")
-    idle: float | None = Field(None, gt=0)
-    total: float | None = Field(None, gt=0)
+def _overrides(model: type[_Strict], name: str, types: Mapping[str, Any] | None = None) -> Any:
+    """`model` with every field optional and unset by default (the same names, aliases and
+    constraints): the settings an endpoint may override. `types` replaces a field's type."""
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        constraints = {k: v for m in info.metadata for k, v in dataclasses.asdict(m).items()}
+        annotation = (types or {}).get(field_name, info.annotation)
+        fields[field_name] = (annotation | None, Field(None, alias=info.alias, **constraints))
+    return create_model(name, __base__=_Strict, __module__=model.__module__, **fields)
+
+
+TimeoutsOverride = _overrides(Timeouts, "TimeoutsOverride")
 
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -73,6 +83,10 @@ def _check_headers(value: dict[str, str]) -> dict[str, str]:
     if bad:
         raise ValueError(f"headers the gateway sets itself cannot be configured: {bad}")
     return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_check_url)]
+Headers = Annotated[dict[str, str], AfterValidator(_check_headers)]
 
 
 class HealthCheck(_Strict):
@@ -131,52 +145,48 @@ class CacheAware(_Strict):
 class Backend(_Strict):
     """One server of a model. Keys left out take the endpoint's values."""
 
-    url: str
+    url: HttpUrl
     api_key: str | None = Field(None, alias="apiKey")
     actual_model_name: str | None = Field(None, alias="actualModelName")
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=dict)
     weight: float = Field(1.0, gt=0)
     max_concurrent: int | None = Field(None, ge=1, alias="maxConcurrent")
     # Its prefix-cache size in tokens, for the cache-aware index; default: read from its
     # /metrics (vLLM), else DEFAULT_CACHE_TOKENS.
     cache_tokens: int | None = Field(None, ge=16, alias="cacheTokens")
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return _check_url(value)
 
-    @field_validator("headers")
-    @classmethod
-    def _no_reserved_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_headers(value)
+class Routing(_Strict):
+    """Routing settings: the top level's are every endpoint's defaults."""
+
+    timeouts: Timeouts = Timeouts()
+    strategy: Strategy = "least-busy"
+    # Further attempts after the first, only while nothing has reached the client yet.
+    retries: int = Field(2, ge=0, le=10)
+    retry_on: list[int] = Field(default_factory=lambda: [429, 500, 502, 503, 504], alias="retryOn")
+    # How long a request may wait for a backend under its maxConcurrent before a 503.
+    queue_timeout: float = Field(10.0, ge=0, alias="queueTimeout")
+    health_check: HealthCheck = Field(default_factory=HealthCheck, alias="healthCheck")
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, alias="circuitBreaker")
+    cache_aware: CacheAware = Field(default_factory=CacheAware, alias="cacheAware")
 
 
-class RoutingOverrides(_Strict):
-    """Routing settings an endpoint may set for itself; unset ones come from the top level."""
-
-    strategy: Strategy | None = None
-    retries: int | None = Field(None, ge=0, le=10)
-    retry_on: list[int] | None = Field(None, alias="retryOn")
-    queue_timeout: float | None = Field(None, ge=0, alias="queueTimeout")
-    health_check: HealthCheck | None = Field(None, alias="healthCheck")
-    circuit_breaker: CircuitBreaker | None = Field(None, alias="circuitBreaker")
-    timeouts: TimeoutsOverride | None = None
-    cache_aware: CacheAware | None = Field(None, alias="cacheAware")
+# Routing settings an endpoint may set for itself; unset ones come from the top level.
+RoutingOverrides = _overrides(Routing, "RoutingOverrides", {"timeouts": TimeoutsOverride})
 
 
 class Endpoint(RoutingOverrides):
     """One public model id and the backend(s) that serve it: `url` for one, `backends` for
     several. An id ending in `/*` is a wildcard route (`ollama/*` serves `ollama/<anything>`)."""
 
-    url: str | None = None
+    url: HttpUrl | None = None
     backends: list[Backend] | None = None
     # A string so that `"${OPENAI_API_KEY:+true}"` can switch an endpoint on from the environment.
     enabled: bool = True
     display_name: str | None = Field(None, alias="displayName")
     api_key: str | None = Field(None, alias="apiKey")
     actual_model_name: str | None = Field(None, alias="actualModelName")
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=dict)
     # Wildcard routes: how often the backend's own model list is refreshed.
     models_refresh: float = Field(60.0, gt=0, alias="modelsRefresh")
 
@@ -189,16 +199,6 @@ class Endpoint(RoutingOverrides):
                 return lowered in _TRUE
             raise ValueError("must be true or false (or an empty string, meaning false)")
         return value
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        return None if value is None else _check_url(value)
-
-    @field_validator("headers")
-    @classmethod
-    def _no_reserved_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_headers(value)
 
     @field_validator("backends")
     @classmethod
@@ -239,23 +239,12 @@ class ClientKey(_Strict):
         return value
 
 
-class GatewayConfig(_Strict):
+class GatewayConfig(Routing):
     endpoints: dict[str, Endpoint]
     # Client keys: when any is listed, every API request needs one of them.
     keys: list[ClientKey] = Field(default_factory=list)
     # Optional JSON-lines file with one usage record per request.
     usage_log: str | None = Field(None, alias="usageLog")
-    timeouts: Timeouts = Timeouts()
-    # Routing defaults for every endpoint (each may override them).
-    strategy: Strategy = "least-busy"
-    # Further attempts after the first, only while nothing has reached the client yet.
-    retries: int = Field(2, ge=0, le=10)
-    retry_on: list[int] = Field(default_factory=lambda: [429, 500, 502, 503, 504], alias="retryOn")
-    # How long a request may wait for a backend under its maxConcurrent before a 503.
-    queue_timeout: float = Field(10.0, ge=0, alias="queueTimeout")
-    health_check: HealthCheck = Field(default_factory=HealthCheck, alias="healthCheck")
-    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, alias="circuitBreaker")
-    cache_aware: CacheAware = Field(default_factory=CacheAware, alias="cacheAware")
     allow_origins: list[str] = Field(default_factory=list, alias="allowOrigins")
     # Vision requests carry base64 images, so the default is far above aiohttp's 1 MiB.
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, alias="maxRequestBytes")

@@ -1,5 +1,5 @@
 """CORS for browser clients: off unless origins are allowed (ALLOW_ORIGINS or `allowOrigins`).
-The gateway's one middleware (observe.py) calls these."""
+The gateway's one middleware (middleware.py) calls these."""
 
 from __future__ import annotations
 

@@ -7,9 +7,8 @@ import time
 
 from aiohttp import web
 
+from gateway.background import TICK
 from gateway.state import CATALOG, SESSION, STORE
-
-TICK = 0.5
 
 
 async def run_discovery(app: web.Application) -> None:

@@ -11,30 +11,25 @@ import structlog
 from aiohttp import web
 
 from gateway.backends import Ticket
+from gateway.background import TICK
 from gateway.routing import Route, Target
 from gateway.state import BACKENDS, SESSION, STORE
+from gateway.upstream import get_models
 
 log = structlog.get_logger("gateway.health")
-
-TICK = 0.5  # how often due probes are looked for
 
 
 async def probe(session: aiohttp.ClientSession, route: Route, target: Target) -> str | None:
     """None when healthy, else what went wrong."""
     check = route.health_check
-    headers = target.own_headers()
-    url = f"{target.base_url}{check.path}"
     try:
-        async with (
-            asyncio.timeout(check.timeout),
-            session.get(url, headers=headers, allow_redirects=False) as response,
-        ):
-            await response.read()
-            return None if response.status < 500 else f"health_http_{response.status}"
+        async with asyncio.timeout(check.timeout):
+            status, _ = await get_models(session, target, check.path)
     except TimeoutError:
         return "health_timeout"
     except (aiohttp.ClientError, OSError):
         return "health_unreachable"
+    return None if status < 500 else f"health_http_{status}"
 
 
 async def run_health_checks(app: web.Application) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -14,6 +13,8 @@ import orjson
 import structlog
 
 from gateway.redact import Redactor
+from wire import logs as shared_logging
+from wire.logs import wants_json
 
 # Types orjson would render on its own but json (and so structlog's fallback) renders with
 # repr(): passed to `default`, so both serialisers write the same thing.
@@ -44,19 +45,25 @@ def _redacting(redactor: Redactor) -> structlog.types.Processor:
     return processor
 
 
-_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
-
-
-def _timestamp() -> str:
+class _Timestamps:
     """What structlog's TimeStamper(fmt="iso", utc=True) writes (`isoformat()`: microseconds
     unless they are 0), with the date and time formatted once per second: `datetime.now`
     and `isoformat` cost more than the rest of the access line's bookkeeping."""
-    now = time.time()
-    second = int(now)
-    micro = int((now - second) * 1_000_000)
-    if second != _second[0]:
-        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{micro:06d}Z" if micro else _second[1] + "Z"
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1  # the last whole second formatted, and its text
+        self._text = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        micro = int((now - second) * 1_000_000)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._text}.{micro:06d}Z" if micro else self._text + "Z"
 
 
 class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -70,11 +77,12 @@ class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any, redactor: Redactor) -> None:
         super().__init__(stream)
         self.redactor = redactor
+        self._timestamps = _Timestamps()
 
     def write_event(self, logger: str, level: str, event: dict[str, Any]) -> None:
         event["level"] = level
         event["logger"] = logger
-        event["timestamp"] = _timestamp()
+        event["timestamp"] = self._timestamps.now()
         redactor = self.redactor
         line = render_json(event)
         # One search of the rendered line, when no secret is written differently in JSON
@@ -112,50 +120,16 @@ def fast_json_handler(logger: logging.Logger) -> JsonLineHandler | None:
 
 
 def configure_logging(redactor: Redactor, fmt: str | None = None, level: str | None = None) -> None:
-    """Route structlog and the stdlib loggers (aiohttp's included) through one renderer."""
-    fmt = (fmt or os.environ.get("LOG_FORMAT") or "").lower()
-    as_json = fmt == "json" or (fmt != "console" and not sys.stderr.isatty())
-    level_name = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
-
-    pre_chain: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer(serializer=render_json)
-        if as_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    """wire.logs' setup, with every line redacted: after tracebacks are formatted, so they
+    are redacted too. The one formatter renders structlog's events and the stdlib's
+    (aiohttp's) alike, so the redaction is the single place every line passes through."""
+    as_json = wants_json(fmt)
+    shared_logging.configure(
+        as_json,
+        level,
+        processors=[_redacting(redactor)],
+        handler=JsonLineHandler(sys.stderr, redactor) if as_json else None,
+        serializer=render_json,
     )
-    structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *pre_chain,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
-    )
-    # One formatter renders structlog's events and the stdlib's (aiohttp's) alike, so the
-    # redaction below is the single place every line passes through.
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=pre_chain,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
-            _redacting(redactor),  # after format_exc_info, so tracebacks are redacted too
-            renderer,
-        ],
-    )
-    handler: logging.Handler = (
-        JsonLineHandler(sys.stderr, redactor) if as_json else logging.StreamHandler(sys.stderr)
-    )
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level_name)
-    # We write one access line per request ourselves, and a line per reload.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # A line per reload is ours to write.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)

@@ -27,8 +27,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from gateway.access import Caller
-from gateway.limits import Standing, limited
+from gateway.client_keys import Caller
+from gateway.rate_limits import Standing, limited
 
 log = structlog.get_logger("gateway.redis")
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.failover import Sent, is_event_stream, is_json_like
-from gateway.observe import RequestRecord
+from gateway.middleware import RequestRecord
 from gateway.redact import Redactor
 from gateway.rewrite import (
     ModelSwap,
@@ -31,6 +31,27 @@ from wire.sse import EventTooLarge, SSESplitter, encode_data
 UPSTREAM_MODEL_HEADER = "x-gateway-upstream-model"
 
 
+@dataclass(slots=True)
+class BackendAnswer:
+    """A backend's response, status and headers in, and `head`, the body's start already
+    read (a stream's first event, or a whole JSON body when `complete`)."""
+
+    hop: Hop
+    response: aiohttp.ClientResponse
+    head: bytes
+    complete: bool
+    usage_added: bool = False  # the gateway asked for usage: the client must not see it
+
+
+def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    content_type = response.headers.get("Content-Type", "").lower()
+    return content_type.startswith("text/event-stream") and response.status < 400
+
+
+def is_json_like(response: aiohttp.ClientResponse) -> bool:
+    return "json" in response.headers.get("Content-Type", "").lower() or response.status >= 400
+
+
 def _headers(upstream: aiohttp.ClientResponse, hop: Hop) -> CIMultiDict[str]:
     headers = returned_headers(upstream.headers)
     headers[UPSTREAM_MODEL_HEADER] = hop.upstream_model
@@ -39,26 +60,27 @@ def _headers(upstream: aiohttp.ClientResponse, hop: Hop) -> CIMultiDict[str]:
 
 async def relay(
     request: web.Request,
-    sent: Sent,
+    answer: BackendAnswer,
     record: RequestRecord,
     deadline: Deadline,
     redactor: Redactor,
 ) -> web.StreamResponse:
-    upstream, hop = sent.response, sent.hop
+    """The answer to the client, in the shape the backend's response calls for."""
+    upstream, hop = answer.response, answer.hop
     record.upstream_status = upstream.status
     if is_event_stream(upstream):
-        return await _relay_events(request, sent, record, deadline)
+        return await _relay_events(request, answer, record, deadline)
     if is_json_like(upstream):
-        return await _relay_json(upstream, hop, record, sent.head, redactor)
-    return await _relay_bytes(request, upstream, hop, record, _body(sent, deadline))
+        return await _relay_json(upstream, hop, record, answer.head, redactor)
+    return await _relay_bytes(request, upstream, hop, record, _body(answer, deadline))
 
 
-async def _body(sent: Sent, deadline: Deadline) -> AsyncIterator[bytes]:
+async def _body(answer: BackendAnswer, deadline: Deadline) -> AsyncIterator[bytes]:
     """The body: what was read ahead while choosing the backend, then the rest as it comes."""
-    if sent.head:
-        yield sent.head
-    if not sent.complete:
-        async for chunk in read_chunks(sent.response, sent.hop, deadline):
+    if answer.head:
+        yield answer.head
+    if not answer.complete:
+        async for chunk in read_chunks(answer.response, answer.hop, deadline):
             yield chunk
 
 
@@ -94,83 +116,106 @@ async def _relay_json(
 
 
 async def _relay_events(
-    request: web.Request, sent: Sent, record: RequestRecord, deadline: Deadline
+    request: web.Request, answer: BackendAnswer, record: RequestRecord, deadline: Deadline
 ) -> web.StreamResponse:
-    upstream, hop = sent.response, sent.hop
+    upstream, hop = answer.response, answer.hop
     response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
     response.headers["Cache-Control"] = "no-cache"
     # Tell an nginx in front of us not to buffer the stream either.
     response.headers["X-Accel-Buffering"] = "no"
     await response.prepare(request)
     record.streamed = True
-    strip_usage = sent.usage_added
-    public_id = hop.public_id
-    swap = ModelSwap(public_id)
-    splitter = SSESplitter()
-    reader = None if sent.complete else BodyReader(upstream, hop, deadline)
-    chunk = sent.head
+    events = _EventRewriter(hop.public_id, record, answer.usage_added)
+    reader = None if answer.complete else BodyReader(upstream, hop, deadline)
     try:
-        while True:
-            if chunk:
-                events = splitter.feed(chunk)
-                # Events that arrived together leave together: one write (one send) per
-                # network read, not per event. Nothing waits for more data.
-                out = []
-                for event in events:
-                    swapped = swap.event(event)
-                    if swapped is None:
-                        rewritten = rewrite_event(event, public_id)
-                        data, payload, source = rewritten.data, rewritten.payload, rewritten.source
-                    else:
-                        data, payload, source = swapped
-                    # `usage` is read only where it can be: its key in the bytes, or escapes
-                    # (find, not `in`: see rewrite._model_value).
-                    if payload is not None and (
-                        source.find(b'"usage"') != -1 or source.find(b"\\") != -1
-                    ):
-                        usage = usage_of(payload, source)
-                        if usage:
-                            record.prompt_tokens, record.completion_tokens = usage
-                            if strip_usage:
-                                kept = _without_usage(
-                                    RewrittenEvent(data, payload, False, source), public_id
-                                )
-                                if kept is not None:
-                                    out.append(kept)
-                                continue
-                    out.append(data)
-                if events and record.first_byte_at is None:
-                    record.first_byte_at = time.monotonic()
-                if reader is None or reader.at_eof():
-                    # The end is here already: the last events and the end of the chunked
-                    # body leave in one write.
-                    if splitter.pending.strip():
-                        if out:
-                            await response.write(b"".join(out))
-                        break
-                    await response.write_eof(b"".join(out))
-                    return response
-                if out:
-                    await response.write(out[0] if len(out) == 1 else b"".join(out))
-            if reader is None:
-                break
-            chunk = await reader.read()
-            if not chunk:
-                break
-        if splitter.pending.strip():
+        await _pump_events(response, events, reader, answer.head)
+    except EventTooLarge as exc:
+        await _end_with_error(response, record, UpstreamError("event_too_large", 502, str(exc)))
+    except UpstreamError as exc:
+        await _end_with_error(response, record, exc)
+    return response
+
+
+async def _pump_events(
+    response: web.StreamResponse,
+    events: _EventRewriter,
+    reader: BodyReader | None,
+    chunk: bytes,
+) -> None:
+    """Events that arrived together leave together: one write (one send) per network read,
+    not per event. Nothing waits for more data."""
+    while True:
+        if chunk:
+            out = events.feed(chunk)
+            if reader is None or reader.at_eof():
+                # The end is here already: the last events and the end of the chunked body
+                # leave in one write.
+                await events.end(response, out)
+                return
+            if out:
+                await response.write(out)
+        if reader is None:
+            break
+        chunk = await reader.read()
+        if not chunk:
+            break
+    await events.end(response, b"")
+
+
+class _EventRewriter:
+    """One stream's events on their way to the client: the public id put in, usage read,
+    and what the gateway itself asked for taken out."""
+
+    __slots__ = ("_public_id", "_record", "_splitter", "_strip_usage", "_swap")
+
+    def __init__(self, public_id: str, record: RequestRecord, strip_usage: bool) -> None:
+        self._public_id = public_id
+        self._record = record
+        self._strip_usage = strip_usage
+        self._swap = ModelSwap(public_id)
+        self._splitter = SSESplitter()
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What to send for the events this chunk completes."""
+        events = self._splitter.feed(chunk)
+        if not events:
+            return b""
+        out = [kept for event in events if (kept := self._event(event)) is not None]
+        record = self._record
+        if record.first_byte_at is None:
+            record.first_byte_at = time.monotonic()
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _event(self, event: bytes) -> bytes | None:
+        swapped = self._swap.event(event)
+        if swapped is None:
+            rewritten = rewrite_event(event, self._public_id)
+            data, payload, source = rewritten.data, rewritten.payload, rewritten.source
+        else:
+            data, payload, source = swapped
+        # `usage` is read only where it can be: its key in the bytes, or escapes
+        # (find, not `in`: see rewrite._model_value).
+        if payload is None or (source.find(b'"usage"') == -1 and source.find(b"\\") == -1):
+            return data
+        usage = usage_of(payload, source)
+        if not usage:
+            return data
+        self._record.prompt_tokens, self._record.completion_tokens = usage
+        if not self._strip_usage:
+            return data
+        return _without_usage(RewrittenEvent(data, payload, source), self._public_id)
+
+    async def end(self, response: web.StreamResponse, out: bytes) -> None:
+        """The backend's body is over: a stream cut inside an event is a dead one."""
+        if self._splitter.pending.strip():
+            if out:
+                await response.write(out)
             raise UpstreamError(
                 "died",
                 502,
-                f"backend for model '{public_id}' ended the stream inside an event",
+                f"backend for model '{self._public_id}' ended the stream inside an event",
             )
-    except EventTooLarge as exc:
-        await _end_with_error(response, record, UpstreamError("event_too_large", 502, str(exc)))
-        return response
-    except UpstreamError as exc:
-        await _end_with_error(response, record, exc)
-        return response
-    await response.write_eof()
-    return response
+        await response.write_eof(out)
 
 
 def _without_usage(rewritten: RewrittenEvent, public_id: str) -> bytes | None:

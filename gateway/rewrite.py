@@ -181,7 +181,6 @@ def rewrite_json_body(body: bytes, public_id: str) -> RewrittenBody:
 class RewrittenEvent:
     data: bytes
     payload: Any  # the parsed JSON of the event's data (for reading only, see `loads`), or None
-    done: bool
     source: bytes = b""  # the event's JSON data as the backend sent it
 
     def exact_payload(self, public_id: str) -> Any:
@@ -191,110 +190,101 @@ class RewrittenEvent:
         return payload
 
 
+def _one_line_data(event: bytes) -> bytes | None:
+    """The data of the common event, one `data:` line ending in LF LF; None for any other."""
+    if (
+        not event.startswith(b"data:")
+        or event.find(b"\n") != len(event) - 2
+        or not event.endswith(b"\n\n")
+        or event.find(b"\r") != -1
+    ):
+        return None
+    data = event[5:-2]
+    return data[1:] if data.startswith(b" ") else data
+
+
+def _encoded_id(public_id: str) -> bytes | None:
+    try:
+        return orjson.dumps(public_id)
+    except TypeError:  # a lone surrogate: json's own path decides what happens
+        return None
+
+
+def _swap_chunk_model(
+    event: bytes, data: bytes, payload: Any, public_id: str, value: bytes | None
+) -> bytes | None:
+    """The SSE fast path: a chunk with `model` at its top level only gets the public id's
+    bytes (`value`, its JSON) in place of the model's; None where that is not provably what
+    a parse and re-encode would give. With no backslash in the data and one `"model"` in all
+    its bytes, that one is the top-level key (see splice_models). Sets `payload["model"]`."""
+    if payload.__class__ is not dict or payload.get("response") is not None:
+        return None
+    model = payload.get("model")
+    if model.__class__ is not str:
+        return None
+    if model == public_id:
+        return event
+    at = data.find(b'"model"')
+    if value is None or data.find(b"\\") != -1 or data.find(b'"model"', at + 7) != -1:
+        return None
+    span = _model_value(data, at, True)
+    if span is None:
+        return None
+    payload["model"] = public_id
+    return b"".join((b"data: ", data[: span[0]], value, data[span[1] :], b"\n\n"))
+
+
 def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
     """One SSE event (ending in its blank line) with `model` rewritten in its JSON data.
 
     Comment, `event:` and `id:` lines keep their place; multi-line `data:` is joined as the
     SSE spec says and re-emitted as one line. Events that are not JSON pass byte for byte.
     """
-    # The common event, one `data:` line ending in LF LF: the model's bytes are swapped in
-    # place when that is provably what a parse and re-encode would give.
-    if (
-        event.startswith(b"data:")
-        and event.find(b"\n") == len(event) - 2
-        and event.endswith(b"\n\n")
-        and event.find(b"\r") == -1
-    ):
-        data = event[5:-2]
-        if data.startswith(b" "):
-            data = data[1:]
-        if data.strip() == b"[DONE]":
-            return RewrittenEvent(event, None, True)
-        try:
-            payload = loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return _rewrite_event_slowly(event, public_id)
-        if payload.__class__ is dict and payload.get("response") is None:
-            # A chunk: `model` at the top level only. With no backslash in the data and one
-            # `"model"` in all its bytes, that one is the top-level key (see splice_models).
-            model = payload.get("model")
-            if model.__class__ is str:
-                if model == public_id:
-                    return RewrittenEvent(event, payload, False, data)
-                payload["model"] = public_id
-                at = data.find(b'"model"')
-                if data.find(b"\\") == -1 and data.find(b'"model"', at + 7) == -1:
-                    span = _model_value(data, at, True)
-                    if span is not None:
-                        try:
-                            value = orjson.dumps(public_id)
-                        except TypeError:
-                            return _rewrite_event_slowly(event, public_id)
-                        out = b"".join(
-                            (b"data: ", data[: span[0]], value, data[span[1] :], b"\n\n")
-                        )
-                        return RewrittenEvent(out, payload, False, data)
-                payload["model"] = model  # and the general way below
-        places = model_places(payload)
-        if not set_response_model(payload, public_id):
-            return RewrittenEvent(event, payload, False, data)
-        spliced = splice_models(data, public_id, payload, places)
-        if spliced is not None:
-            return RewrittenEvent(b"data: " + spliced + b"\n\n", payload, False, data)
+    data = _one_line_data(event)
+    if data is None:
+        return _rewrite_event_slowly(event, public_id)
+    if data.strip() == b"[DONE]":
+        return RewrittenEvent(event, None)
+    try:
+        payload = loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _rewrite_event_slowly(event, public_id)
+    swapped = _swap_chunk_model(event, data, payload, public_id, _encoded_id(public_id))
+    if swapped is not None:
+        return RewrittenEvent(swapped, payload, data)
+    places = model_places(payload)
+    if not set_response_model(payload, public_id):
+        return RewrittenEvent(event, payload, data)
+    spliced = splice_models(data, public_id, payload, places)
+    if spliced is not None:
+        return RewrittenEvent(b"data: " + spliced + b"\n\n", payload, data)
     return _rewrite_event_slowly(event, public_id)
 
 
 class ModelSwap:
-    """`rewrite_event`'s common case, for one stream: a one-line `data:` chunk with `model`
-    at its top level only. The public id's JSON is encoded once per stream, and no
-    RewrittenEvent is made per event."""
+    """`rewrite_event`'s fast path for one stream: the public id's JSON is encoded once per
+    stream, and no RewrittenEvent is made per event."""
 
     __slots__ = ("_public_id", "_value")
 
     def __init__(self, public_id: str) -> None:
         self._public_id = public_id
-        try:
-            self._value: bytes | None = orjson.dumps(public_id)
-        except TypeError:  # a lone surrogate: rewrite_event decides what happens
-            self._value = None
+        self._value = _encoded_id(public_id)
 
     def event(self, event: bytes) -> tuple[bytes, Any, bytes] | None:
         """(what to send, the parsed payload, the JSON data as sent), or None: not the
         common case, `rewrite_event` decides. Gives exactly what `rewrite_event` gives."""
-        if (
-            not event.startswith(b"data:")
-            or event.find(b"\n") != len(event) - 2
-            or not event.endswith(b"\n\n")
-            or event.find(b"\r") != -1
-        ):
+        data = _one_line_data(event)
+        if data is None:
             return None
-        data = event[5:-2]
-        if data.startswith(b" "):
-            data = data[1:]
         if data == b"[DONE]":  # as rewrite_event gives it, without a failed parse first
             return event, None, b""
         try:
             payload = loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return None
-        if payload.__class__ is not dict or payload.get("response") is not None:
-            return None
-        model = payload.get("model")
-        if model.__class__ is not str:
-            return None
-        public_id = self._public_id
-        if model == public_id:
-            return event, payload, data
-        value = self._value
-        at = data.find(b'"model"')
-        if value is None or data.find(b"\\") != -1 or data.find(b'"model"', at + 7) != -1:
-            return None
-        span = _model_value(data, at, True)
-        if span is None:
-            return None
-        payload["model"] = public_id
-        out = b"".join((b"data: ", data[: span[0]], value, data[span[1] :], b"\n\n"))
-        return out, payload, data
+        out = _swap_chunk_model(event, data, payload, self._public_id, self._value)
+        return None if out is None else (out, payload, data)
 
 
 def _rewrite_event_slowly(event: bytes, public_id: str) -> RewrittenEvent:
@@ -304,16 +294,16 @@ def _rewrite_event_slowly(event: bytes, public_id: str) -> RewrittenEvent:
         lines.pop()
     data_parts = [line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:")]
     if not data_parts:
-        return RewrittenEvent(event, None, False)
+        return RewrittenEvent(event, None)
     data = b"\n".join(data_parts)
     if data.strip() == b"[DONE]":
-        return RewrittenEvent(event, None, True)
+        return RewrittenEvent(event, None)
     try:
         payload = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        return RewrittenEvent(event, None, False)
+        return RewrittenEvent(event, None)
     if not set_response_model(payload, public_id):
-        return RewrittenEvent(event, payload, False, data)
+        return RewrittenEvent(event, payload, data)
     out: list[bytes] = []
     data_written = False
     for line in lines:
@@ -323,4 +313,4 @@ def _rewrite_event_slowly(event: bytes, public_id: str) -> RewrittenEvent:
                 data_written = True
         else:
             out.append(line)
-    return RewrittenEvent(b"\n".join(out) + b"\n\n", payload, False, data)
+    return RewrittenEvent(b"\n".join(out) + b"\n\n", payload, data)

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from yarl import URL
 
-from gateway.access import KeyRing
+from gateway.client_keys import KeyRing
 from gateway.config import (
     CacheAware,
     CircuitBreaker,
@@ -117,7 +117,7 @@ class Hop:
         return self.route.timeouts
 
     @property
-    def backend(self) -> str:
+    def backend_label(self) -> str:
         return self.target.label
 
     @property

@@ -4,7 +4,7 @@ request. The proxy tries them in that order, skipping ones that cannot take it."
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.backends import Backends
@@ -51,6 +51,20 @@ class Priority:
         return list(targets)
 
 
+# Every strategy the config accepts (`strategy`), by name: each call makes a fresh policy.
+STRATEGIES: dict[str, Callable[[], Policy]] = {
+    "least-busy": LeastBusy,
+    "weighted-round-robin": WeightedRoundRobin,
+    "priority": Priority,
+}
+
+
+def make_policy(strategy: str) -> Policy:
+    """A new policy for a strategy name; an unknown name is a KeyError (the config's schema
+    accepts only the names above)."""
+    return STRATEGIES[strategy]()
+
+
 class Policies:
     """One policy object per route (round robin keeps a position), kept across reloads."""
 
@@ -61,13 +75,5 @@ class Policies:
         key = (route.public_id, route.strategy)
         policy = self._by_route.get(key)
         if policy is None:
-            policy = self._by_route[key] = _make(route.strategy)
+            policy = self._by_route[key] = make_policy(route.strategy)
         return policy
-
-
-def _make(strategy: str) -> Policy:
-    if strategy == "weighted-round-robin":
-        return WeightedRoundRobin()
-    if strategy == "priority":
-        return Priority()
-    return LeastBusy()

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from gateway.admission import AdmissionControl
 from gateway.backends import Backends
 from gateway.catalog import Catalog
-from gateway.limiter import Limits
 from gateway.metrics import Metrics
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
@@ -35,4 +35,8 @@ POLICIES = web.AppKey("policies", Policies)
 # Set when SIGTERM starts the drain: /ready answers 503 while in-flight requests finish.
 DRAINING = web.AppKey("draining", asyncio.Event)
 CATALOG = web.AppKey("catalog", Catalog)
-LIMITER = web.AppKey("limiter", Limits)
+LIMITER = web.AppKey("limiter", AdmissionControl)
+# When the app was built (epoch seconds): the `created` of every model card.
+STARTED = web.AppKey("started", int)
+# Replaced Redis clients being closed: held here so their tasks are not collected midway.
+CLOSING = web.AppKey("closing", set)

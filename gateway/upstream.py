@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import Timeouts
-from gateway.routing import Hop
+from gateway.routing import Hop, Target
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -77,6 +79,24 @@ def make_session() -> aiohttp.ClientSession:
         auto_decompress=True,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+async def get_models(
+    session: aiohttp.ClientSession, target: Target, path: str = "/models"
+) -> tuple[int, Any]:
+    """A backend's model list (`GET <url>/models`, or a health check's path): its status and
+    its JSON (None when the body is not JSON). Raises aiohttp.ClientError or OSError when the
+    backend cannot be reached; callers bound the wait with `asyncio.timeout`. The health
+    checks and the wildcard routes' catalog both ask this way: never a completion, always
+    with the backend's own headers."""
+    url = f"{target.base_url}{path}"
+    async with session.get(url, headers=target.own_headers(), allow_redirects=False) as response:
+        body = await response.read()
+        try:
+            payload = json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError):
+            payload = None
+        return response.status, payload
 
 
 def _connection_listed(headers: Mapping[str, str]) -> set[str]:
@@ -227,7 +247,7 @@ def _connect_timeout(connect: float | None) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect)
 
 
-async def send(
+async def open_response(
     session: aiohttp.ClientSession,
     hop: Hop,
     method: str,
@@ -263,7 +283,7 @@ async def send(
         raise UpstreamError(
             "timeout_connect",
             504,
-            f"backend for model '{hop.public_id}' ({hop.backend}) did not accept a "
+            f"backend for model '{hop.public_id}' ({hop.backend_label}) did not accept a "
             f"connection within {timeouts.connect:g} s",
         ) from None
     except TimeoutError:
@@ -279,13 +299,13 @@ async def send(
         raise UpstreamError(
             "refused",
             502,
-            f"backend for model '{hop.public_id}' ({hop.backend}) is unreachable: {reason}",
+            f"backend for model '{hop.public_id}' ({hop.backend_label}) is unreachable: {reason}",
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(
             "bad_response",
             502,
-            f"backend for model '{hop.public_id}' ({hop.backend}) failed before "
+            f"backend for model '{hop.public_id}' ({hop.backend_label}) failed before "
             f"responding: {exc.__class__.__name__}",
         ) from None
     finally:
@@ -336,7 +356,7 @@ class BodyReader:
             raise UpstreamError(
                 "died",
                 502,
-                f"backend for model '{hop.public_id}' ({hop.backend}) closed the connection "
+                f"backend for model '{hop.public_id}' ({hop.backend_label}) closed the connection "
                 f"before the response was complete ({exc.__class__.__name__})",
             ) from None
         finally:

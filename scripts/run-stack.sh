@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# `make run`: the worker on its demo model and the gateway in front of it, both healthy
-# before the URL is printed; Ctrl-C (or either process dying) stops both.
+# `make run`: the worker on a built-in model (SmolLM2 135M Instruct unless MODEL says otherwise)
+# and the gateway in front of it, both healthy before the URL is printed; Ctrl-C (or either
+# process dying) stops both.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-WORKER_PORT=${WORKER_PORT:-8000}
+# Exported: config.example.json reads it for the worker's URL.
+export WORKER_PORT=${WORKER_PORT:-8000}
 GATEWAY_PORT=${GATEWAY_PORT:-3333}
 GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
 GATEWAY_CONFIG=${GATEWAY_CONFIG:-config.example.json}
+MODEL=${MODEL:-smollm2}
+# The id clients send is the gateway's (its config's first endpoint), not the worker's.
+PUBLIC_MODEL=$("$PY" -c 'import json, sys; print(next(iter(json.load(open(sys.argv[1]))["endpoints"])))' "$GATEWAY_CONFIG" 2>/dev/null || echo "$MODEL")
 
 pids=()
 stop() {
@@ -32,12 +37,15 @@ wait_healthy() { # name url seconds
     done
 }
 
-"$PY" -m worker --model demo --host 127.0.0.1 --port "$WORKER_PORT" &
+if [[ $MODEL == smollm2 ]]; then
+    echo "Starting the worker on SmolLM2 135M Instruct (the first start converts it: about 30 s)."
+fi
+"$PY" -m worker --model "$MODEL" --host 127.0.0.1 --port "$WORKER_PORT" &
 pids+=($!)
 "$PY" -m gateway --config "$GATEWAY_CONFIG" --host "$GATEWAY_HOST" --port "$GATEWAY_PORT" &
 pids+=($!)
 
-wait_healthy worker "http://127.0.0.1:$WORKER_PORT/health" 300
+wait_healthy worker "http://127.0.0.1:$WORKER_PORT/health" 600
 wait_healthy gateway "http://127.0.0.1:$GATEWAY_PORT/health" 60
 
 cat <<MSG
@@ -45,11 +53,12 @@ cat <<MSG
   Gateway ready: http://127.0.0.1:$GATEWAY_PORT/v1   (worker: http://127.0.0.1:$WORKER_PORT/v1)
   Try:
     curl -s http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
-      -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
-  The demo model has random weights: its answers are gibberish, by design.
-  Ctrl-C stops both.
-
+      -d '{"model": "$PUBLIC_MODEL", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
 MSG
+if [[ $MODEL == demo ]]; then
+    echo "  The demo model has random weights: its answers are gibberish, by design."
+fi
+printf '  Ctrl-C stops both.\n\n'
 
 # Return as soon as either process exits; the trap stops the other.
 wait -n "${pids[@]}"

@@ -1,1 +1,1 @@
-"""OpenAI wire pieces shared by the gateway and the worker: the error envelope and SSE framing."""
+"""OpenAI wire pieces shared by the gateway and the worker: errors, SSE framing, response shapes."""

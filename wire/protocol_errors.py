@@ -9,7 +9,7 @@ import json
 from aiohttp import HttpVersion11, web, web_protocol, web_server
 from aiohttp.web_request import BaseRequest
 
-from wire.errors import INVALID_REQUEST, SERVER_ERROR, error_payload
+from wire.errors import APIError
 
 
 class _JSONErrorHandler(web_protocol.RequestHandler):
@@ -25,18 +25,13 @@ class _JSONErrorHandler(web_protocol.RequestHandler):
         # aiohttp's own version logs the error and refuses when a response already started.
         plain = super().handle_error(request, status, exc, message)
         if status >= 500:
-            body = error_payload(
-                "Internal error; it has been logged.", SERVER_ERROR, None, "internal_error"
-            )
+            body = APIError.internal("Internal error; it has been logged.").payload()
         else:
             # The parser's message quotes the request's bytes: keep only what went wrong.
             reason = (message or plain.reason or "").split(":", 1)[0].strip()[:200]
-            body = error_payload(
-                f"The request could not be read as HTTP: {reason}.",
-                INVALID_REQUEST,
-                None,
-                "bad_request",
-            )
+            body = APIError.bad_request(
+                f"The request could not be read as HTTP: {reason}.", code="bad_request"
+            ).payload()
         response = web.Response(
             status=status, body=json.dumps(body).encode(), content_type="application/json"
         )
@@ -66,7 +61,7 @@ async def expect_continue(request: web.Request) -> None:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the real response has not started yet
             return
-        body = error_payload(
-            "Only 'Expect: 100-continue' is supported.", INVALID_REQUEST, "Expect", "bad_expect"
-        )
+        body = APIError.bad_request(
+            "Only 'Expect: 100-continue' is supported.", param="Expect", code="bad_expect"
+        ).payload()
         raise web.HTTPExpectationFailed(text=json.dumps(body), content_type="application/json")

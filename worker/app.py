@@ -36,6 +36,7 @@ def build_app(settings: Settings, loader: Loader = models.load) -> web.Applicati
     app.router.add_get("/ping", admin.ping)
     app.router.add_get("/metrics", admin.metrics)
     app.router.add_get("/v1/models", admin.models)
+    app.router.add_get("/v1/models/{model:.+}", admin.model)
     app.router.add_post("/v1/chat/completions", completions.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
     app.router.add_post("/v1/embeddings", embeddings_handler.embeddings)

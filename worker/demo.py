@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
 
 import structlog
+
+from worker import cache
 
 log = structlog.get_logger(__name__)
 
@@ -31,9 +32,7 @@ _TRAINING_TEXT_BYTES = 3_000_000
 
 def demo_model_dir(cache_root: str | None = None) -> Path:
     """`<cache root>/demo-model`; the root is `WORKER_CACHE_DIR`, else ~/.cache/llm-gateway."""
-    root = cache_root or os.environ.get("WORKER_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "llm-gateway"
-    return base / "demo-model"
+    return cache.cache_root(cache_root) / "demo-model"
 
 
 def is_built(path: Path) -> bool:

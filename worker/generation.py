@@ -61,13 +61,6 @@ class TextStream:
     async def aclose(self) -> None:
         await self._tokens.aclose()
 
-    async def collect(self) -> str:
-        """The whole text (non-streaming responses); closes the stream."""
-        try:
-            return "".join([d.text async for d in self])
-        finally:
-            await self.aclose()
-
 
 async def merge(streams: list[TextStream]) -> AsyncIterator[tuple[int, Delta]]:
     """Deltas of several streams as they come, tagged with the stream's index."""

@@ -13,9 +13,6 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "worker_requests", "Requests answered", ["endpoint", "status"], registry=r
-        )
         self.prompt_tokens = Counter("worker_prompt_tokens", "Prompt tokens", registry=r)
         self.generated_tokens = Counter("worker_generated_tokens", "Generated tokens", registry=r)
         self.rejected = Counter("worker_rejected", "Requests refused: queue full", registry=r)

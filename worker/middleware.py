@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hmac
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
-from wire.errors import AUTHENTICATION, Handler, error_response
+from wire.errors import APIError, Handler
+from wire.headers import REQUEST_ID_HEADER, accept_request_id, bearer_token
 
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
@@ -20,7 +20,7 @@ log = structlog.get_logger("worker.access")
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id to every log line of this request and write one access line."""
-    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
     request["request_id"] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -48,24 +48,21 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
     """on_response_prepare hook: streamed responses get the header too."""
     request_id = request.get("request_id")
     if request_id:
-        response.headers["X-Request-ID"] = request_id
+        response.headers[REQUEST_ID_HEADER] = request_id
 
 
 def auth_middleware(api_key: str) -> Middleware:
-    expected = f"Bearer {api_key}".encode()
+    expected = api_key.encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return error_response(
-                    401,
+            token = bearer_token(request.headers.get("Authorization")) or ""
+            if not hmac.compare_digest(token.encode(), expected):
+                return APIError.unauthorized(
                     "Missing or invalid API key: send `Authorization: Bearer <WORKER_API_KEY>`.",
-                    AUTHENTICATION,
-                    None,
-                    "invalid_api_key",
-                )
+                    code="invalid_api_key",
+                ).to_response()
         return await handler(request)
 
     return auth

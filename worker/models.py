@@ -1,17 +1,19 @@
-"""Loading the served model and tokenizer: device and dtype choice, demo model, chat template."""
+"""Loading the served model and tokenizer: device, dtype, built-in models, chat template."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
 
-from worker import demo
+from worker import demo, smollm2
+from worker.sampling import SamplingDefaults
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -36,8 +38,9 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: list[int]
-    is_demo: bool
     created: int  # load time, for /v1/models
+    # For requests that leave temperature/top_p/top_k out: the model's own recommendation.
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,17 +72,26 @@ def ensure_chat_template(tokenizer: Any) -> None:
         log.info("chat_template_fallback", reason="tokenizer has no chat template")
 
 
-def load(settings: Settings) -> LoadedModel:
-    """Load the model named by `settings` (building the demo model first if asked)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(settings.torch_threads or default_torch_threads())
-    is_demo = settings.model == demo.DEMO_NAME
-    if is_demo:
+def model_source(settings: Settings) -> tuple[str, str, str]:
+    """(folder to load, default served name, owned_by) for a built-in name or a path."""
+    if settings.model == demo.DEMO_NAME:
         path = str(demo.ensure_demo_model(demo.demo_model_dir(settings.cache_dir)))
         log.warning("demo_model", path=path, note="random weights: output is gibberish")
-    else:
-        path = settings.model
+        return path, demo.DEMO_NAME, demo.DEMO_OWNER
+    if settings.model == smollm2.NAME:
+        path = str(smollm2.ensure_converted(smollm2.cache_dir(settings.cache_dir)))
+        return path, smollm2.NAME, smollm2.OWNER
+    name = Path(settings.model.rstrip("/")).name or settings.model
+    return settings.model, name, "llm-gateway-worker"
+
+
+def load(settings: Settings) -> LoadedModel:
+    """Load the model named by `settings` (building or converting a built-in one first)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    torch.set_num_threads(settings.torch_threads or default_torch_threads())
+    path, default_name, owner = model_source(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
 
@@ -96,9 +108,8 @@ def load(settings: Settings) -> LoadedModel:
         eos = tokenizer.eos_token_id
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
-    served = settings.served_model_name or (
-        demo.DEMO_NAME if is_demo else Path(settings.model.rstrip("/")).name or settings.model
-    )
+    served = settings.served_model_name or default_name
+    sampling_defaults = SamplingDefaults.from_generation_config(model.generation_config)
     params = sum(p.numel() for p in model.parameters())
     log.info(
         "model_loaded",
@@ -109,16 +120,18 @@ def load(settings: Settings) -> LoadedModel:
         parameters=params,
         max_model_len=max_model_len,
         torch_threads=torch.get_num_threads(),
+        seconds=round(time.monotonic() - started, 1),
+        sampling_defaults=dataclasses.asdict(sampling_defaults),
     )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         served_name=served,
-        owned_by=demo.DEMO_OWNER if is_demo else "llm-gateway-worker",
+        owned_by=owner,
         device=device,
         dtype=dtype,
         max_model_len=max_model_len,
         eos_token_ids=eos_ids,
-        is_demo=is_demo,
         created=int(time.time()),
+        sampling_defaults=sampling_defaults,
     )

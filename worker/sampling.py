@@ -13,6 +13,28 @@ from transformers.generation.continuous_batching.requests import FutureRequestSt
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves sampling out gets: the model's generation_config.json
+    values where it sets them (as vLLM does), else OpenAI's defaults."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @classmethod
+    def from_generation_config(cls, config: object) -> SamplingDefaults:
+        def value(name: str, default: float) -> float:
+            found = getattr(config, name, None)
+            return default if found is None else found
+
+        return cls(
+            temperature=float(value("temperature", 1.0)),
+            top_p=float(value("top_p", 1.0)),
+            top_k=max(0, int(value("top_k", 0))),
+        )
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """What one request asked for; `temperature == 0` means greedy."""
 

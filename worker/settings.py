@@ -11,7 +11,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Settings:
     model: str = "demo"
-    served_model_name: str | None = None  # default: "demo", or the model folder's name
+    served_model_name: str | None = None  # default: the built-in's name, or the folder's name
     tokenizer: str | None = None  # default: the model folder
     host: str = "0.0.0.0"
     port: int = 8000
@@ -25,7 +25,7 @@ class Settings:
     embedding_model_name: str | None = None  # default: the embedding folder's name
     kv_cache_tokens: int | None = None  # default: sized from free GPU memory, or a CPU default
     torch_threads: int | None = None  # default: one per core, less one left for the server
-    cache_dir: str | None = None  # cache root (demo model in <root>/demo-model); WORKER_CACHE_DIR
+    cache_dir: str | None = None  # cache root for built-in models; WORKER_CACHE_DIR
     max_body_bytes: int = 32 * 1024 * 1024
 
 
@@ -36,11 +36,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""other environment variables:
   WORKER_API_KEY    when set, /v1 requests need 'Authorization: Bearer <key>'
-  WORKER_CACHE_DIR  where the demo model is built (default ~/.cache/llm-gateway)
+  WORKER_CACHE_DIR  where built-in models are built (default ~/.cache/llm-gateway)
   LOG_FORMAT        json or console (default: json unless stderr is a terminal)
   LOG_LEVEL         default INFO""",
     )
-    p.add_argument("--model", help="local model folder, a hub id, or 'demo' (env MODEL_PATH)")
+    p.add_argument(
+        "--model",
+        help="local model folder, a hub id, or a built-in: 'smollm2' (SmolLM2 135M Instruct) "
+        "or 'demo' (random weights) (env MODEL_PATH, default demo)",
+    )
     p.add_argument("--served-model-name", help="model id clients send (env MODEL_NAME)")
     p.add_argument(
         "--tokenizer", help="tokenizer folder; default: the model's (env TOKENIZER_PATH)"

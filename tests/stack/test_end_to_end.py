@@ -6,60 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"{url}: process exited with {process.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not healthy after {seconds} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def environment(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "WORKER_API_KEY"}
-    return {
-        **env,
-        "WORKER_CACHE_DIR": str(tmp / "cache"),
-        "LOG_FORMAT": "json",
-        "TORCH_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        **extra,
-    }
+from tests.stack.processes import ROOT, environment, free_port, stop, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +171,7 @@ def test_make_run_script_starts_both_and_stops_both_on_ctrl_c(tmp_path) -> None:
     env = environment(
         tmp_path,
         PY=sys.executable,
+        MODEL="demo",  # the script's plumbing, on the model that starts in seconds
         WORKER_PORT=str(worker_port),
         GATEWAY_PORT=str(gateway_port),
         GATEWAY_CONFIG=str(config),

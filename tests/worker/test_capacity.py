@@ -44,6 +44,7 @@ async def test_stream_disconnect_frees_the_slot(
     small_worker: WorkerProcess, small_client: openai.AsyncOpenAI
 ) -> None:
     await _wait_for(small_worker, running=0, waiting=0)
+    generated_before = await _tokens_generated(small_worker)
     body = {"model": "tiny", "prompt": "count:", "stream": True, **LONG}
     async with aiohttp.ClientSession() as http:
         resp = await http.post(f"{small_worker.base_url}/completions", json=body)
@@ -51,10 +52,9 @@ async def test_stream_disconnect_frees_the_slot(
         await resp.content.readuntil(b"\n\n")  # tokens are flowing
         await _wait_for(small_worker, running=1)
         resp.close()  # hang up mid-stream
-        started = time.monotonic()
         await _wait_for(small_worker, running=0)
-    freed_after = time.monotonic() - started
-    assert freed_after < 3.0
+    # Freed by the hang-up, not by the request running to its end: counted, not timed.
+    assert await _tokens_generated(small_worker) - generated_before < LONG["max_tokens"]
     # The slot is really free: the next request runs at once (one slot, one place in line).
     resp2 = await small_client.completions.create(model="tiny", prompt="x", max_tokens=3)
     assert resp2.usage is not None and resp2.usage.completion_tokens <= 3

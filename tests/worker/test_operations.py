@@ -127,11 +127,10 @@ def test_health_is_503_while_loading_and_sigterm_exits_cleanly(
         wait_ready(w)
         assert 200 in statuses
     finally:
-        started = time.monotonic()
+        # The manager's generation thread is not a daemon: without stop() this would hang,
+        # and stop() raises TimeoutExpired after 30 s.
         code = w.stop(timeout=30)
-    # The manager's generation thread is not a daemon: without stop() this would hang.
     assert code == 0
-    assert time.monotonic() - started < 30
 
 
 def test_ctrl_c_then_sigterm_during_a_stream_still_exits(tmp_path: Path, demo_cache: Path) -> None:

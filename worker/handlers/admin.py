@@ -1,11 +1,13 @@
-"""GET /health, /ping, /metrics and /v1/models."""
+"""GET /health, /ping, /metrics, /v1/models and /v1/models/{model}."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from wire.errors import APIError
+from wire.protocol import ModelCard, model_card, model_list
 from worker.handlers.common import ready_state
-from worker.state import STATE
+from worker.state import STATE, WorkerState
 
 
 async def health(request: web.Request) -> web.Response:
@@ -48,27 +50,41 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-async def models(request: web.Request) -> web.Response:
-    state = ready_state(request)
-    assert state.loaded is not None
+def _cards(state: WorkerState) -> list[ModelCard]:
+    """The served model, then each embedding model served beside it."""
     loaded = state.loaded
-    data = [
-        {
-            "id": loaded.served_name,
-            "object": "model",
-            "created": loaded.created,
-            "owned_by": loaded.owned_by,
-            "max_model_len": loaded.max_model_len,
-        }
+    assert loaded is not None
+    cards = [
+        model_card(
+            loaded.served_name,
+            created=loaded.created,
+            owned_by=loaded.owned_by,
+            max_model_len=loaded.max_model_len,
+        )
     ]
-    for name in state.embedders:
-        if name != loaded.served_name:
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": loaded.created,
-                    "owned_by": "llm-gateway-worker",
-                }
-            )
-    return web.json_response({"object": "list", "data": data})
+    cards += [
+        model_card(name, created=loaded.created, owned_by="llm-gateway-worker")
+        for name in state.embedders
+        if name != loaded.served_name
+    ]
+    return cards
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response(model_list(_cards(ready_state(request))))
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: one card, or OpenAI's 404 for a model not served here."""
+    model_id = request.match_info["model"]
+    state = ready_state(request)
+    cards = _cards(state)
+    for card in cards:
+        if card["id"] == model_id:
+            return web.json_response(card)
+    served = ", ".join(card["id"] for card in cards)
+    raise APIError.not_found(
+        f"The model '{model_id}' does not exist on this worker; it serves {served}.",
+        param="model",
+        code="model_not_found",
+    )

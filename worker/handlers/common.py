@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from wire.errors import INVALID_REQUEST, SERVER_ERROR, APIError
+from wire.errors import APIError
 from worker.protocol import Unsupported
 from worker.state import STATE, WorkerState
 
@@ -19,9 +19,11 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"The body is not valid JSON: {exc}", code="invalid_json") from None
+        raise APIError.bad_request(
+            f"The body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
-        raise APIError(400, "The body must be a JSON object.", code="invalid_json")
+        raise APIError.bad_request("The body must be a JSON object.", code="invalid_json")
     return body
 
 
@@ -40,27 +42,24 @@ def parse(schema: type[M], body: dict[str, Any]) -> M:
         given = err.get("input")
         if isinstance(given, int | float | str) and not isinstance(given, bool):
             message += f" (got {given!r})" if len(repr(given)) <= 40 else ""
-        raise APIError(
-            400, f"{param}: {message}" if param else message, INVALID_REQUEST, param
+        raise APIError.bad_request(
+            f"{param}: {message}" if param else message, param=param
         ) from None
     except Unsupported as exc:
-        raise APIError(400, str(exc), INVALID_REQUEST, exc.param, "unsupported_parameter") from None
+        raise APIError.bad_request(
+            str(exc), param=exc.param, code="unsupported_parameter"
+        ) from None
 
 
 def ready_state(request: web.Request) -> WorkerState:
     """The state, once the model is loaded; a 503 with Retry-After until then."""
     state = request.app[STATE]
     if state.status == "loading":
-        raise APIError(
-            503,
-            "The model is still loading; retry shortly.",
-            SERVER_ERROR,
-            None,
-            "model_loading",
-            {"Retry-After": "2"},
+        raise APIError.unavailable(
+            "The model is still loading; retry shortly.", code="model_loading", retry_after=2
         )
     if state.status != "ok" or state.engine is None or not state.engine.alive:
-        raise APIError(503, "The model worker is not healthy.", SERVER_ERROR, None, "unavailable")
+        raise APIError.unavailable("The model worker is not healthy.", code="unavailable")
     return state
 
 
@@ -70,10 +69,8 @@ def check_model(state: WorkerState, name: str | None, *, embeddings: bool = Fals
         served = list(state.embedders)
     if name is None or name in served:
         return
-    raise APIError(
-        400,
+    raise APIError.bad_request(
         f"The model `{name}` does not exist on this worker; it serves {', '.join(served)}.",
-        INVALID_REQUEST,
-        "model",
-        "model_not_found",
+        param="model",
+        code="model_not_found",
     )

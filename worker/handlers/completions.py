@@ -12,32 +12,31 @@ import structlog
 from aiohttp import web
 
 from wire.errors import RATE_LIMIT, SERVER_ERROR, APIError, error_payload
+from wire.protocol import SSE_HEADERS, Usage, usage
 from wire.sse import DONE_EVENT, encode_data
 from worker.engine import EngineError, EngineUnavailable, QueueFull
 from worker.generation import TextStream, merge
 from worker.handlers.common import check_model, parse, read_json, ready_state
-from worker.handlers.render import ChoiceRenderer, usage_of
+from worker.handlers.render import ChatRenderer, ChoiceRenderer, TextRenderer
 from worker.prompts import PromptError, chat_prompt_ids, text_prompt_ids
 from worker.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from worker.sampling import SamplingParams
+from worker.sampling import SamplingDefaults, SamplingParams
 from worker.state import WorkerState
 
 log = structlog.get_logger(__name__)
 
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
-
 
 def sampling_params(
-    req: SamplingFields, max_tokens: int | None, prompt_len: int, max_model_len: int, param: str
+    req: SamplingFields,
+    max_tokens: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    param: str,
+    defaults: SamplingDefaults,
 ) -> SamplingParams:
     room = max_model_len - prompt_len
     if room < 1:
-        raise APIError(
-            400,
+        raise APIError.bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
             f"prompt is {prompt_len} tokens, which leaves no room for a completion.",
             param=param,
@@ -46,8 +45,7 @@ def sampling_params(
     if max_tokens is None:
         max_tokens = room
     elif prompt_len + max_tokens > max_model_len:
-        raise APIError(
-            400,
+        raise APIError.bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
             f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
@@ -56,9 +54,9 @@ def sampling_params(
         )
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(0, req.top_k or 0),
+        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        top_p=defaults.top_p if req.top_p is None else req.top_p,
+        top_k=defaults.top_k if req.top_k is None else max(0, req.top_k),
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
@@ -74,16 +72,14 @@ def _start(
         return TextStream(state.engine, state.loaded.tokenizer, prompt_ids, params, stops)
     except QueueFull as exc:
         state.metrics.rejected.inc()
-        raise APIError(
-            503,
+        raise APIError.unavailable(
             f"The worker is at capacity: {exc}. Retry shortly.",
-            RATE_LIMIT,
-            None,
-            "queue_full",
-            {"Retry-After": "1"},
+            code="queue_full",
+            retry_after=1,
+            type_=RATE_LIMIT,  # load, not a fault: OpenAI's type for "slow down"
         ) from None
     except EngineUnavailable as exc:
-        raise APIError(503, str(exc), SERVER_ERROR, None, "unavailable") from None
+        raise APIError.unavailable(str(exc), code="unavailable") from None
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -94,11 +90,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         prompt_ids = chat_prompt_ids(state.loaded.tokenizer, req.messages)
     except PromptError as exc:
-        raise APIError(400, str(exc), param=exc.param, code="invalid_prompt") from None
+        raise APIError.bad_request(str(exc), param=exc.param, code="invalid_prompt") from None
     params = sampling_params(
-        req, req.requested_max_tokens, len(prompt_ids), state.loaded.max_model_len, "messages"
+        req,
+        req.requested_max_tokens,
+        len(prompt_ids),
+        state.loaded.max_model_len,
+        "messages",
+        state.loaded.sampling_defaults,
     )
-    renderer = ChoiceRenderer(True, req.model)
+    renderer = ChatRenderer(req.model)
     prompts, choice_params = _choices([prompt_ids], [params], req.n)
     return await _serve(request, state, req, prompts, choice_params, renderer, "chat")
 
@@ -111,12 +112,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     try:
         prompts = [text_prompt_ids(state.loaded.tokenizer, p) for p in req.prompts()]
     except (PromptError, ValueError) as exc:
-        raise APIError(400, str(exc), param="prompt", code="invalid_prompt") from None
-    max_len = state.loaded.max_model_len
+        raise APIError.bad_request(str(exc), param="prompt", code="invalid_prompt") from None
+    max_len, defaults = state.loaded.max_model_len, state.loaded.sampling_defaults
     params = [
-        sampling_params(req, req.requested_max_tokens, len(p), max_len, "prompt") for p in prompts
+        sampling_params(req, req.requested_max_tokens, len(p), max_len, "prompt", defaults)
+        for p in prompts
     ]
-    renderer = ChoiceRenderer(False, req.model)
+    renderer = TextRenderer(req.model)
     prompts, params = _choices(prompts, params, req.n)
     return await _serve(request, state, req, prompts, params, renderer, "completions")
 
@@ -156,18 +158,15 @@ async def _serve(
         texts = await asyncio.gather(*(_collect(s, on_first) for s in streams))
     except EngineError as exc:
         log.error("generation_failed", error=str(exc))
-        raise APIError(
-            500, "Generation failed; it has been logged.", SERVER_ERROR, None, "engine_error"
+        raise APIError.internal(
+            "Generation failed; it has been logged.", code="engine_error"
         ) from None
     finally:
         for s in streams:
             await s.aclose()
         _account(state, streams, endpoint, started)
-    usage = usage_of(
-        sum(s.prompt_tokens for s in streams), sum(s.completion_tokens for s in streams)
-    )
-    request["usage"] = usage
-    return web.json_response(renderer.body(list(texts), [s.finish_reason for s in streams], usage))
+    request["usage"] = used = _usage(streams)
+    return web.json_response(renderer.body(list(texts), [s.finish_reason for s in streams], used))
 
 
 def _first_token_timer(state: WorkerState, started: float) -> Callable[[], None]:
@@ -191,6 +190,10 @@ async def _collect(stream: TextStream, on_first: Callable[[], None]) -> str:
     return "".join(parts)
 
 
+def _usage(streams: list[TextStream]) -> Usage:
+    return usage(sum(s.prompt_tokens for s in streams), sum(s.completion_tokens for s in streams))
+
+
 def _account(state: WorkerState, streams: list[TextStream], endpoint: str, started: float) -> None:
     m = state.metrics
     m.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -212,34 +215,31 @@ async def _stream(
     await resp.prepare(request)
     with_usage = req.include_usage
 
-    async def send(choice: dict[str, Any]) -> None:
+    async def send(choice: Any) -> None:
         await resp.write(encode_data(renderer.chunk(choice, None, with_usage)))
 
-    if renderer.chat:
-        for index in range(len(streams)):
-            await send(renderer.delta("", None, first=True, index=index))
+    for index in range(len(streams)):
+        opening = renderer.opening(index)
+        if opening is not None:
+            await send(opening)
     try:
         async for index, delta in merge(streams):
             if delta.completion_tokens:
                 on_first()
             if delta.text:
-                await send(renderer.delta(delta.text, None, index=index))
+                await send(renderer.delta(delta.text, index))
             if delta.finish_reason:
-                empty = None if renderer.chat else ""
-                await send(renderer.delta(empty, delta.finish_reason, index=index))
+                await send(renderer.finish(delta.finish_reason, index))
     except EngineError as exc:
         # After the first byte the status is sent: end with an error event and no [DONE],
         # so the client can tell a cut stream from a finished one.
         log.error("generation_failed", error=str(exc))
-        error = error_payload("Generation failed.", SERVER_ERROR, None, "engine_error")
+        error = error_payload("Generation failed.", SERVER_ERROR, code="engine_error")
         await resp.write(encode_data(error))
         return resp
-    usage = usage_of(
-        sum(s.prompt_tokens for s in streams), sum(s.completion_tokens for s in streams)
-    )
-    request["usage"] = usage
+    request["usage"] = used = _usage(streams)
     if with_usage:
-        await resp.write(encode_data(renderer.chunk(None, usage, True)))
+        await resp.write(encode_data(renderer.chunk(None, used, True)))
     await resp.write(DONE_EVENT)
     await resp.write_eof()
     return resp

@@ -1,4 +1,5 @@
-"""The wire shapes of chat.completion and text_completion bodies and stream chunks."""
+"""One answer's bodies and stream chunks, chat.completion or text_completion, in the shapes
+wire.protocol defines."""
 
 from __future__ import annotations
 
@@ -6,73 +7,89 @@ import time
 import uuid
 from typing import Any
 
+from wire import protocol
+from wire.protocol import (
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    TextChoice,
+    TextCompletion,
+    Usage,
+)
 
-def usage_of(prompt: int, completion: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
 
+class _Renderer:
+    """What every body and chunk of one answer shares: its id, creation time and model."""
 
-class ChoiceRenderer:
-    """The wire shapes of one endpoint: chat.completion or text_completion."""
+    PREFIX = ""
 
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    def __init__(self, model: str) -> None:
+        self.id = self.PREFIX + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model
 
-    def body(
-        self, texts: list[str], reasons: list[str | None], usage: dict[str, int]
-    ) -> dict[str, Any]:
-        if self.chat:
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": t},
-                    "logprobs": None,
-                    "finish_reason": r,
-                }
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-            ]
-        else:
-            choices = [
-                {"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-            ]
-        return {
-            "id": self.id,
-            "object": "chat.completion" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": usage,
-        }
+    def opening(self, index: int) -> Any | None:
+        """The chunk choice that opens choice `index` of a stream, if the shape has one."""
+        return None
+
+
+class ChatRenderer(_Renderer):
+    PREFIX = "chatcmpl-"
+
+    def body(self, texts: list[str], reasons: list[str | None], usage: Usage) -> ChatCompletion:
+        choices = [
+            protocol.chat_choice(i, text, reason)
+            for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        return protocol.chat_completion(self.id, self.created, self.model, choices, usage)
 
     def chunk(
-        self, choice: dict[str, Any] | None, usage: dict[str, int] | None, with_usage: bool
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice] if choice is not None else [],
-        }
-        if with_usage:
-            out["usage"] = usage
-        return out
+        self, choice: ChatChunkChoice | None, usage: Usage | None, with_usage: bool
+    ) -> ChatCompletionChunk:
+        """A chunk of one choice or, with `usage`, the choiceless last one."""
+        choices = [choice] if choice is not None else []
+        return protocol.chat_chunk(
+            self.id, self.created, self.model, choices, include_usage=with_usage, usage=usage
+        )
 
-    def delta(
-        self, text: str | None, reason: str | None, first: bool = False, index: int = 0
-    ) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+    def opening(self, index: int) -> ChatChunkChoice:
+        """The role, no text yet: what opens each choice of an OpenAI chat stream."""
+        return protocol.chat_chunk_choice(index, protocol.first_chat_delta(), None)
+
+    def delta(self, text: str, index: int) -> ChatChunkChoice:
+        return protocol.chat_chunk_choice(index, {"content": text}, None)
+
+    def finish(self, reason: str, index: int) -> ChatChunkChoice:
+        return protocol.chat_chunk_choice(index, {}, reason)
+
+
+class TextRenderer(_Renderer):
+    PREFIX = "cmpl-"
+
+    def body(self, texts: list[str], reasons: list[str | None], usage: Usage) -> TextCompletion:
+        choices = [
+            protocol.text_choice(i, text, reason)
+            for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        return protocol.text_completion(
+            self.id, self.created, self.model, choices, include_usage=True, usage=usage
+        )
+
+    def chunk(
+        self, choice: TextChoice | None, usage: Usage | None, with_usage: bool
+    ) -> TextCompletion:
+        """A chunk of one choice or, with `usage`, the choiceless last one: OpenAI streams
+        completions as the completion object itself."""
+        choices = [choice] if choice is not None else []
+        return protocol.text_completion(
+            self.id, self.created, self.model, choices, include_usage=with_usage, usage=usage
+        )
+
+    def delta(self, text: str, index: int) -> TextChoice:
+        return protocol.text_choice(index, text, None)
+
+    def finish(self, reason: str, index: int) -> TextChoice:
+        return protocol.text_choice(index, "", reason)
+
+
+ChoiceRenderer = ChatRenderer | TextRenderer

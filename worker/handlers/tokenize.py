@@ -20,7 +20,7 @@ async def tokenize(request: web.Request) -> web.Response:
         try:
             ids = chat_prompt_ids(tokenizer, req.messages, req.add_generation_prompt)
         except PromptError as exc:
-            raise APIError(400, str(exc), param=exc.param) from None
+            raise APIError.bad_request(str(exc), param=exc.param) from None
     else:
         add_special = True if req.add_special_tokens is None else req.add_special_tokens
         ids = list(tokenizer.encode(req.prompt or "", add_special_tokens=add_special))
@@ -42,5 +42,7 @@ async def detokenize(request: web.Request) -> web.Response:
     vocab = len(tokenizer)
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
-        raise APIError(400, f"Token ids must be in [0, {vocab}); got {bad[:5]}.", param="tokens")
+        raise APIError.bad_request(
+            f"Token ids must be in [0, {vocab}); got {bad[:5]}.", param="tokens"
+        )
     return web.json_response({"prompt": tokenizer.decode(req.tokens)})

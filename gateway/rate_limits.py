@@ -3,7 +3,7 @@ headers, and the windows of this process.
 
 Sliding one-minute windows; tokens are counted from each response's `usage` when it ends,
 so a request is refused when the minute's tokens are already spent. gateway/redis_limits.py
-keeps the same windows in Redis for several processes; gateway/limiter.py picks the store."""
+keeps the same windows in Redis for several processes; gateway/admission.py picks the store."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from gateway.access import Caller
+from gateway.client_keys import Caller
 from wire.errors import RATE_LIMIT, APIError
 
 WINDOW = 60.0

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.config import ClientKey
 from wire.errors import INVALID_REQUEST, PERMISSION, APIError
+from wire.headers import bearer_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,17 +43,12 @@ class KeyRing:
             caller = Caller(key.name, tuple(key.models), key.rpm, key.tpm, key.max_concurrent)
             self._entries.append((digest, caller))
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._entries)
-
     def authenticate(self, request: web.Request) -> Caller | None:
         """The caller, or None when no keys are configured; 401 for a missing or wrong key."""
         if not self._entries:
             return None
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
             raise APIError(
                 401,
                 "You didn't provide an API key. Send 'Authorization: Bearer <key>'.",

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.access import Caller
-from gateway.limits import WINDOW, LocalWindows, check, headers, limited, refusal
+from gateway.client_keys import Caller
+from gateway.rate_limits import WINDOW, LocalWindows, check, headers, limited, refusal
 from gateway.redis_limits import RedisUnavailable, RedisWindows
 from wire.errors import SERVER_ERROR, APIError
 
@@ -25,7 +25,9 @@ class Admission:
     lease: str = ""
 
 
-class Limits:
+class AdmissionControl:
+    """Admits keyed requests against their limits, in this process or in Redis."""
+
     def __init__(
         self,
         on_redis_state: Callable[[bool], None] | None = None,

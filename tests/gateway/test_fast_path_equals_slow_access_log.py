@@ -11,14 +11,15 @@ import structlog
 
 from gateway.logs import configure_logging, fast_json_handler, render_json
 from gateway.metrics import Metrics
-from gateway.observe import Meters, RequestRecord, _finish, new_request_id
+from gateway.middleware import Meters, RequestRecord, _finish
 from gateway.redact import Redactor, mask
+from wire.headers import new_request_id
 
 SECRET = "sk-abcdefghijklmnop-1234"
 
 
 def _record(**extra: object) -> RequestRecord:
-    record = RequestRecord(request_id="req-1", route="chat.completions", **extra)  # type: ignore[arg-type]
+    record = RequestRecord(request_id="req-1", family="chat.completions", **extra)  # type: ignore[arg-type]
     record.started -= 0.25
     return record
 
@@ -93,7 +94,7 @@ def test_fast_access_line_with_nothing_set(capsys) -> None:
 def test_quiet_routes_follow_the_level(capsys) -> None:
     configure_logging(Redactor([]), fmt="json", level="INFO")
     record = _record()
-    record.route = "health"
+    record.family = "health"
     request = SimpleNamespace(method="GET", path="/health")
     _finish(request, record, 200, Meters(Metrics()))  # type: ignore[arg-type]
     assert _lines(capsys) == []
