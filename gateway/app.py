@@ -22,6 +22,7 @@ from gateway.middleware import access_middleware, add_response_headers
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore, ReloadOutcome, run_watcher
 from gateway.routing import Snapshot
+from gateway.scrapes import run_scrapes
 from gateway.selection import Policies
 from gateway.state import (
     BACKENDS,
@@ -108,6 +109,7 @@ def build_app(
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(background(run_health_checks))
     app.cleanup_ctx.append(background(run_discovery))
+    app.cleanup_ctx.append(background(run_scrapes))
     if metrics.multiprocess:
         app.cleanup_ctx.append(background(_sync_metrics))
     if watch:

@@ -4,10 +4,11 @@ holds its prefix (or that served its session last), unless that would make a hot
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from gateway.backends import Backends
 from gateway.config import CacheAware as Settings
@@ -20,27 +21,30 @@ from gateway.prefix_index import (
     block_hashes,
     request_text,
 )
-from gateway.routing import Target
+from gateway.routing import Route, Target
 
 Reason = Literal["session", "prefix", "balance", "cold"]
 REASONS: tuple[Reason, ...] = ("session", "prefix", "balance", "cold")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFacts:
-    """What a policy may know of a request: its parsed JSON body (None when not JSON) and
-    its headers. Policies that do not look at requests ignore it."""
+class RequestFacts(Protocol):
+    """What a policy may know of a request (the proxy's ProxiedRequest is one): its route,
+    its headers, its parsed JSON body, and a slot where a policy keeps its decision until the
+    request is sent."""
 
-    body: Mapping[str, Any] | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
+    route: Route
+    routing: Any
 
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
-NO_FACTS = RequestFacts()
+    @property
+    def payload(self) -> Mapping[str, Any] | None: ...
 
 
 @dataclass(slots=True)
 class Decision:
-    """The outcome of one `decide`: the order to try, why, and what to record once a
+    """The outcome of one decision: the order to try, why, and what to record once a
     backend has taken the request."""
 
     order: list[Target]
@@ -48,6 +52,25 @@ class Decision:
     matched_tokens: int = 0
     hashes: list[int] = field(default_factory=list)
     session: str | None = None
+
+
+@dataclass(slots=True)
+class _Fleet:
+    """The backends a decision chooses among, with their loads, least loaded first."""
+
+    candidates: list[Target]
+    loads: dict[str, float]
+    by_load: list[Target]
+
+    def bound(self, settings: Settings) -> float:
+        """Bounded loads: nobody above max((1 + epsilon) x mean, mean + margin)."""
+        mean = sum(self.loads.values()) / len(self.loads)
+        return max((1 + settings.epsilon) * mean, mean + settings.margin)
+
+    def imbalanced(self, settings: Settings) -> bool:
+        """SGLang's test: max - min above an absolute margin and max above a ratio of min."""
+        high, low = max(self.loads.values()), min(self.loads.values())
+        return high - low > settings.balance_abs and high > settings.balance_rel * low
 
 
 class CacheAwarePolicy:
@@ -70,15 +93,19 @@ class CacheAwarePolicy:
     # -- the Policy interface -----------------------------------------------------------
 
     def order(
-        self,
-        targets: Sequence[Target],
-        backends: Backends,
-        request: RequestFacts = NO_FACTS,
-        settings: Settings | None = None,
-        model: str = "",
-        now: float = 0.0,
+        self, targets: Sequence[Target], backends: Backends, request: RequestFacts | None = None
     ) -> list[Target]:
-        return self.decide(targets, backends, request, settings or Settings(), model, now).order
+        if request is None:  # nothing known of the request: by load alone
+            settings = Settings()
+            return self._by_load(list(targets), backends, settings, time.monotonic())
+        decision = self.decide(targets, backends, request, time.monotonic())
+        request.routing = decision
+        return decision.order
+
+    def chosen(self, target: Target, backends: Backends, request: RequestFacts | None) -> None:
+        decision = None if request is None else request.routing
+        if isinstance(decision, Decision):
+            self.record(target, decision, backends, request.route.cache_aware, time.monotonic())
 
     # -- the decision -------------------------------------------------------------------
 
@@ -106,71 +133,26 @@ class CacheAwarePolicy:
         ) > settings.max_kv_usage
 
     def decide(
-        self,
-        targets: Sequence[Target],
-        backends: Backends,
-        request: RequestFacts,
-        settings: Settings,
-        model: str,
-        now: float,
+        self, targets: Sequence[Target], backends: Backends, request: RequestFacts, now: float
     ) -> Decision:
-        self._follow_reloads(targets)
-        healthy: list[Target] = []
-        for t in targets:
-            if backends.state(t).health(now) == "healthy":
-                healthy.append(t)
-            else:
-                self.index.drop(t.key)
-        candidates = [t for t in healthy if not self.saturated(t, backends, settings, now)]
-        if not candidates:
+        settings = request.route.cache_aware
+        fleet = self._fleet(targets, backends, settings, now)
+        if fleet is None:
             # Everything is saturated or resting: the least loaded of what is left, and the
             # proxy waits for a slot or answers 503 as with any other policy.
-            ranked = self._by_load(list(targets), backends, settings, now)
-            return Decision(ranked, "balance")
-        loads = {t.key: self.load(t, backends, settings, now) for t in candidates}
-        by_load = sorted(candidates, key=lambda t: (loads[t.key], random.random()))
-        rest = [t for t in targets if t.key not in loads]
-        body = request.body
-
+            return Decision(self._by_load(list(targets), backends, settings, now), "balance")
+        payload = request.payload
+        text = request_text(payload) if payload is not None else None
+        hashes = block_hashes(text, request.route.public_id) if text is not None else []
         session = _session_id(request.headers, settings.session_headers)
-        hashes: list[int] = []
-        text = request_text(body) if body is not None else None
-        if text is not None:
-            hashes = block_hashes(text, model)
-
-        preferred: Target | None = None
-        reason: Reason = "cold"
-        matched = 0
-        if session is not None:
-            key = self.sessions.get(session)
-            if key is not None:
-                preferred = next((t for t in candidates if t.key == key), None)
-                if preferred is not None:
-                    reason = "session"
-                    matched = self._matched(preferred, hashes)
-        if preferred is None and hashes:
-            preferred, matched = self._best_match(candidates, hashes, loads)
-            min_blocks_chars = settings.min_match_tokens * CHARS_PER_TOKEN
-            if preferred is not None and block_chars(matched) >= min_blocks_chars:
-                reason = "prefix"
-            else:
-                preferred, matched = None, 0
-
-        if preferred is not None and not self._within_bounds(preferred, loads, settings):
-            # The guard: another backend under the bound that holds the most of the prefix,
-            # or the least loaded when the whole fleet is out of balance.
+        preferred, matched, reason = self._preferred(fleet, hashes, session, settings)
+        if preferred is not None and not self._within_bounds(preferred, fleet, settings):
+            preferred, matched = self._instead(fleet, hashes, settings)
             reason = "balance"
-            if self._imbalanced(loads, settings):
-                preferred, matched = by_load[0], self._matched(by_load[0], hashes)
-            else:
-                bound = self._bound(loads, settings)
-                under = [t for t in candidates if loads[t.key] <= bound]
-                preferred, matched = self._best_match(under or by_load[:1], hashes, loads)
-                if preferred is None:
-                    preferred = by_load[0]
         if preferred is None:
-            preferred = by_load[0]
-        order = [preferred, *(t for t in by_load if t is not preferred), *rest]
+            preferred, matched = fleet.by_load[0], 0
+        rest = [t for t in targets if t.key not in fleet.loads]
+        order = [preferred, *(t for t in fleet.by_load if t is not preferred), *rest]
         matched_tokens = block_chars(matched) // CHARS_PER_TOKEN if matched else 0
         return Decision(order, reason, matched_tokens, hashes, session)
 
@@ -229,20 +211,57 @@ class CacheAwarePolicy:
                 best, best_key = t, key
         return best, best_key[0]
 
-    def _bound(self, loads: Mapping[str, float], settings: Settings) -> float:
-        mean = sum(loads.values()) / len(loads)
-        return max((1 + settings.epsilon) * mean, mean + settings.margin)
+    def _within_bounds(self, target: Target, fleet: _Fleet, settings: Settings) -> bool:
+        if fleet.imbalanced(settings):
+            return fleet.loads[target.key] == fleet.loads[fleet.by_load[0].key]
+        return fleet.loads[target.key] <= fleet.bound(settings)
 
-    def _imbalanced(self, loads: Mapping[str, float], settings: Settings) -> bool:
-        high, low = max(loads.values()), min(loads.values())
-        return high - low > settings.balance_abs and high > settings.balance_rel * low
+    def _fleet(
+        self, targets: Sequence[Target], backends: Backends, settings: Settings, now: float
+    ) -> _Fleet | None:
+        """Healthy, unsaturated backends and their loads. The others are left out of the
+        index, and one that is not healthy loses its part: its cache is gone when it is back."""
+        self._follow_reloads(targets)
+        candidates = []
+        for t in targets:
+            if backends.state(t).health(now) != "healthy":
+                self.index.drop(t.key)
+            elif not self.saturated(t, backends, settings, now):
+                candidates.append(t)
+        if not candidates:
+            return None
+        loads = {t.key: self.load(t, backends, settings, now) for t in candidates}
+        by_load = sorted(candidates, key=lambda t: (loads[t.key], random.random()))
+        return _Fleet(candidates, loads, by_load)
 
-    def _within_bounds(
-        self, target: Target, loads: Mapping[str, float], settings: Settings
-    ) -> bool:
-        if self._imbalanced(loads, settings):
-            return loads[target.key] == min(loads.values())
-        return loads[target.key] <= self._bound(loads, settings)
+    def _preferred(
+        self, fleet: _Fleet, hashes: list[int], session: str | None, settings: Settings
+    ) -> tuple[Target | None, int, Reason]:
+        """The session's last backend, else the longest useful prefix match, else none."""
+        if session is not None:
+            key = self.sessions.get(session)
+            target = next((t for t in fleet.candidates if t.key == key), None)
+            if target is not None:
+                return target, self._matched(target, hashes), "session"
+        if hashes:
+            target, matched = self._best_match(fleet.candidates, hashes, fleet.loads)
+            if target is not None and block_chars(matched) >= (
+                settings.min_match_tokens * CHARS_PER_TOKEN
+            ):
+                return target, matched, "prefix"
+        return None, 0, "cold"
+
+    def _instead(self, fleet: _Fleet, hashes: list[int], settings: Settings) -> tuple[Target, int]:
+        """The guard overruled the preferred backend: the least loaded when the fleet is out
+        of balance, else the backend under the bound that holds the most of the prefix (the
+        least loaded of those, or at all, when none holds any)."""
+        least = fleet.by_load[0]
+        if fleet.imbalanced(settings):
+            return least, self._matched(least, hashes)
+        bound = fleet.bound(settings)
+        under = [t for t in fleet.candidates if fleet.loads[t.key] <= bound]
+        target, matched = self._best_match(under, hashes, fleet.loads)
+        return (target, matched) if target is not None else (least, 0)
 
     def _by_load(
         self, targets: list[Target], backends: Backends, settings: Settings, now: float
@@ -250,11 +269,23 @@ class CacheAwarePolicy:
         loads = {t.key: self.load(t, backends, settings, now) for t in targets}
         return sorted(targets, key=lambda t: (loads[t.key], random.random()))
 
-    def describe(self, now: float, stale_after: float) -> dict[str, dict[str, object]]:
-        """Per backend, for /debug: index size and the scraped signals with their age."""
-        out: dict[str, dict[str, object]] = {}
-        for key, part in self.index.parts.items():
-            out[key] = {"indexBlocks": len(part), "indexTokens": part.tokens}
+    def describe(self, route: Route, backends: Backends, now: float) -> dict[str, object]:
+        """For /debug: per backend (by label), its part of the index, its in-flight count,
+        and its scraped signals with their age (or why there are none)."""
+        out: dict[str, object] = {"sessions": len(self.sessions)}
+        for t in route.targets:
+            part = self.index.parts.get(t.key)
+            reading = self.signals.readings.get(t.key)
+            out[t.label] = {
+                "indexBlocks": len(part) if part is not None else 0,
+                "indexTokens": part.tokens if part is not None else 0,
+                "cacheTokens": self._capacity(t),
+                "inFlight": backends.state(t).in_flight,
+                "signals": reading.as_dict(now) if reading is not None else None,
+                "stale": self.signals.fresh(t.key, now, route.cache_aware.metrics_stale_after)
+                is None,
+                "scrapeError": self.signals.errors.get(t.key),
+            }
         return out
 
 

@@ -52,6 +52,10 @@ class RequestRecord:
     # Every backend failure this request saw, retried or not (metrics count each).
     failures: list[str] = field(default_factory=list)
     cors_origin: str | None = None  # Access-Control-Allow-Origin for the response, if any
+    # Cache-aware routes: why the backend was chosen (session, prefix, balance, cold) and
+    # how much of the request its cache was thought to hold.
+    routing: str | None = None
+    matched_tokens: int = 0
 
     def fail(self, kind: str) -> None:
         """The backend failed after its response started: the request ends in this error."""
@@ -110,6 +114,9 @@ class Meters:
             child("tokens", model, "prompt").inc(prompt)
         if completion is not None:
             child("tokens", model, "completion").inc(completion)
+        if record.routing is not None:
+            child("routing_decisions", model, record.routing).inc()
+            child("routing_matched", model).observe(record.matched_tokens)
         key = record.key
         if key is not None:
             child("key_requests", key, model, code).inc()
@@ -224,6 +231,8 @@ def _finish(request: web.Request, record: RequestRecord, status: int, meters: Me
         "attempts": record.attempts,
         "failures": record.failures or None,
     }
+    if record.routing is not None:
+        fields["routing"] = record.routing
     if handler is None:
         (access_log.debug if quiet else access_log.info)("request", **fields)
         return

@@ -48,23 +48,10 @@ def request_text(body: Mapping[str, Any]) -> str | None:
         parts: list[str] = []
         tools = body.get("tools")
         if tools:
-            parts.append(json.dumps(tools, sort_keys=True, separators=(",", ":")))
+            parts.append(_compact(tools))
         for message in messages:
-            if not isinstance(message, dict):
-                continue
-            parts.append(f"\x1e{message.get('role', '')}\x1f")
-            content = message.get("content")
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict):
-                        text = part.get("text")
-                        # Other parts (images, audio) take their place without their bytes.
-                        parts.append(text if isinstance(text, str) else f"\x1d{part.get('type')}")
-            calls = message.get("tool_calls")
-            if calls:
-                parts.append(json.dumps(calls, sort_keys=True, separators=(",", ":")))
+            if isinstance(message, dict):
+                _message_text(message, parts)
         return "".join(parts)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -72,6 +59,26 @@ def request_text(body: Mapping[str, Any]) -> str | None:
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return "\x1e".join(prompt)
     return None
+
+
+def _message_text(message: dict[str, Any], parts: list[str]) -> None:
+    parts.append(f"\x1e{message.get('role', '')}\x1f")
+    content = message.get("content")
+    if isinstance(content, str):
+        parts.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                # Other parts (images, audio) take their place without their bytes.
+                parts.append(text if isinstance(text, str) else f"\x1d{part.get('type')}")
+    calls = message.get("tool_calls")
+    if calls:
+        parts.append(_compact(calls))
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 _MASK = (1 << 60) - 1

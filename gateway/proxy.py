@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import aiohttp
 import structlog
@@ -25,7 +26,7 @@ from gateway.redact import Redactor
 from gateway.relay import BackendAnswer, is_event_stream, is_json_like, relay
 from gateway.request_body import RequestBody
 from gateway.routing import Hop, Route, Target
-from gateway.selection import Policies
+from gateway.selection import Policies, Policy
 from gateway.upstream import (
     BodyReader,
     Deadline,
@@ -93,6 +94,19 @@ class ProxiedRequest:
     record: RequestRecord
     deadline: Deadline
     tried: set[str] = field(default_factory=set)
+    # The route's policy, once it has ordered the backends; and what it decided, for the
+    # policies that remember where requests went (cache-aware).
+    policy: Policy | None = None
+    routing: Any = None
+
+    # What a policy may know of the request (selection.RequestFacts).
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.client.headers
+
+    @property
+    def payload(self) -> dict[str, Any] | None:
+        return self.client.body.payload
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
         """Attempts until a backend answers, then its answer to the client."""
@@ -143,8 +157,13 @@ class ProxiedRequest:
         arrive before the client is answered read ahead, so that a backend failing before
         it can still be retried."""
         ticket = self.backends.begin(target, time.monotonic())
-        hop = self.route.hop(self.client.body.model, target)
         record = self.record
+        if self.policy is not None:  # counted in first, so a burst sees it
+            self.policy.chosen(target, self.backends, self)
+            if self.routing is not None:
+                record.routing = self.routing.reason
+                record.matched_tokens = self.routing.matched_tokens
+        hop = self.route.hop(self.client.body.model, target)
         record.backend = hop.backend_label
         record.upstream_model = hop.upstream_model
         record.attempts += 1
@@ -258,7 +277,8 @@ class ProxiedRequest:
         backends = self.backends
         if len(targets) == 1:  # nothing to order (a policy's order of one is that one)
             return targets[0] if backends.can_take(targets[0], now) else None
-        ordered = self.policies.for_route(self.route).order(targets, backends)
+        policy = self.policy = self.policies.for_route(self.route)
+        ordered = policy.order(targets, backends, self)
         ready = [t for t in ordered if backends.can_take(t, now)]
         fresh = [t for t in ready if t.key not in self.tried]
         return (fresh or ready or [None])[0]
