@@ -51,7 +51,7 @@ CHARS_PER_TOKEN = 4
 class ReplicaModel:
     cache_tokens: int = 24_576
     max_batch: int = 8
-    prefill_s_per_token: float = 40e-6  # 25k tokens/s: a 2k-token prompt costs 80 ms
+    prefill_s_per_token: float = 100e-6  # 10k tokens/s: a 2k-token prompt costs 200 ms
     decode_base_s: float = 0.008
     decode_s_per_seq: float = 0.0015
     output_tokens: int = 24
@@ -245,10 +245,11 @@ def workload(name: str, scale: float, seed: int) -> list[Conversation]:
     rng = random.Random(seed)
     out = []
     if name == "chats":
-        systems = [words(rng, 6_000) for _ in range(3)]  # ~1.5k tokens each
-        sessions = int(72 * scale)
+        systems = [words(rng, 2_000) for _ in range(3)]  # ~500 tokens each
+        sessions = int(64 * scale)
         for i in range(sessions):
-            turns = [words(rng, rng.randrange(300, 1_500)) for _ in range(rng.randrange(3, 7))]
+            # Histories grow to 2-6k tokens: what routing keeps or loses is mostly history.
+            turns = [words(rng, rng.randrange(1_500, 3_000)) for _ in range(rng.randrange(4, 9))]
             session = f"chat-{seed}-{i}" if i % 2 == 0 else None
             out.append(
                 Conversation(

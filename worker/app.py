@@ -82,7 +82,11 @@ async def _load(state: WorkerState, loader: Loader) -> None:
             state.embedders[extra.name] = extra
         # The engine starts last: on GPU it sizes its KV cache from the memory left free.
         engine = Engine(
-            loaded, settings.max_batch_size, settings.max_queue, settings.kv_cache_tokens
+            loaded,
+            settings.max_batch_size,
+            settings.max_queue,
+            settings.kv_cache_tokens,
+            prefix_caching=settings.prefix_caching,
         )
         state.engine = engine
         await asyncio.to_thread(engine.start)
@@ -92,6 +96,7 @@ async def _load(state: WorkerState, loader: Loader) -> None:
             engine.kv_usage,
             engine.kv_capacity_tokens,
             engine.page_size,
+            (lambda: engine.prefix_queries, lambda: engine.prefix_hits),
         )
         state.status = "ok"
         log.info("worker_ready", model=loaded.served_name)

@@ -64,8 +64,14 @@ class Engine:
         max_batch_size: int,
         max_queue: int,
         kv_cache_tokens: int | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         self.loaded = loaded
+        self.prefix_caching = prefix_caching
+        # Prompt tokens looked up in, and found in, the shared prefix blocks (vLLM's
+        # prefix_cache_queries / prefix_cache_hits), counted on the generation thread.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._kv_cache_tokens = kv_cache_tokens
@@ -90,7 +96,8 @@ class Engine:
             "use_cuda_graph": False,
             # The issue asks for SDPA, and the embeddings path runs the same module.
             "auto_switch_to_flash": False,
-            "allow_block_sharing": False,
+            # Prefix caching: a new request reuses the KV blocks of an earlier prompt's prefix.
+            "allow_block_sharing": self.prefix_caching,
         }
         kv_tokens = self._kv_cache_tokens
         if on_cpu:
@@ -122,6 +129,8 @@ class Engine:
         manager.start()
         self._manager = manager
         self._wait_for_cache()
+        if self.prefix_caching:
+            self._count_prefix_hits(manager.batch_processor.cache)
         log.info(
             "engine_started",
             max_batch_size=self.max_batch_size,
@@ -146,6 +155,18 @@ class Engine:
                 kv_cache_tokens=self.kv_capacity_tokens,
             )
             self.loaded.max_model_len = self.kv_capacity_tokens
+
+    def _count_prefix_hits(self, cache: Any) -> None:
+        """transformers counts nothing: wrap the one call its scheduler makes per prompt."""
+        search = cache.search_prefix_match
+
+        def counted(request_id: str, prompt_ids: list[int]) -> int:
+            matched = search(request_id, prompt_ids)
+            self.prefix_queries += len(prompt_ids)
+            self.prefix_hits += matched
+            return matched
+
+        cache.search_prefix_match = counted
 
     def kv_usage(self) -> float:
         """The fraction of the KV cache's sectors in use (what vLLM calls kv_cache_usage_perc),

@@ -45,6 +45,17 @@ class Metrics:
             ["block_size", "num_gpu_blocks"],
             registry=r,
         )
+        # As vLLM's prefix_cache_queries / _hits (counted in tokens); 0 with prefix caching off.
+        self.prefix_queries = Gauge(
+            "worker_prefix_cache_queries_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            registry=r,
+        )
+        self.prefix_hits = Gauge(
+            "worker_prefix_cache_hits_tokens",
+            "Prompt tokens found in the prefix cache (their prefill skipped)",
+            registry=r,
+        )
 
     def watch(
         self,
@@ -53,6 +64,7 @@ class Metrics:
         kv_usage: Callable[[], float] | None = None,
         cache_tokens: int = 0,
         block_size: int = 0,
+        prefix: tuple[Callable[[], float], Callable[[], float]] | None = None,
     ) -> None:
         self.running.set_function(running)
         self.waiting.set_function(waiting)
@@ -60,6 +72,9 @@ class Metrics:
             self.kv_usage.set_function(kv_usage)
         if cache_tokens and block_size:
             self.cache_info.labels(str(block_size), str(cache_tokens // block_size)).set(1)
+        if prefix is not None:
+            self.prefix_queries.set_function(prefix[0])
+            self.prefix_hits.set_function(prefix[1])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
