@@ -50,7 +50,15 @@ def request_text(body: Mapping[str, Any]) -> str | None:
         if tools:
             parts.append(_compact(tools))
         for message in messages:
-            if isinstance(message, dict):
+            if type(message) is not dict:
+                continue
+            content = message.get("content")
+            # The common case inline (a plain text message): a decision must stay <= 50 us.
+            if type(content) is str and "tool_calls" not in message:
+                role = message.get("role")
+                parts.append(_ROLES.get(role) or f"\x1e{role}\x1f")
+                parts.append(content)
+            else:
                 _message_text(message, parts)
         return "".join(parts)
     prompt = body.get("prompt")
@@ -59,6 +67,9 @@ def request_text(body: Mapping[str, Any]) -> str | None:
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return "\x1e".join(prompt)
     return None
+
+
+_ROLES = {r: f"\x1e{r}\x1f" for r in ("system", "developer", "user", "assistant", "tool")}
 
 
 def _message_text(message: dict[str, Any], parts: list[str]) -> None:
