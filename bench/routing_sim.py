@@ -246,7 +246,7 @@ def workload(name: str, scale: float, seed: int) -> list[Conversation]:
     out = []
     if name == "chats":
         systems = [words(rng, 2_000) for _ in range(3)]  # ~500 tokens each
-        sessions = int(64 * scale)
+        sessions = int(48 * scale)
         for i in range(sessions):
             # Histories grow to 2-6k tokens: what routing keeps or loses is mostly history.
             turns = [words(rng, rng.randrange(1_500, 3_000)) for _ in range(rng.randrange(4, 9))]
@@ -257,7 +257,7 @@ def workload(name: str, scale: float, seed: int) -> list[Conversation]:
                     turns,
                     rng.choice(systems),
                     session,
-                    rng.uniform(0.3, 1.5),
+                    rng.uniform(1.0, 3.0),
                 )
             )
     elif name == "documents":

@@ -219,15 +219,25 @@ class CacheAwarePolicy:
     def _fleet(
         self, targets: Sequence[Target], backends: Backends, settings: Settings, now: float
     ) -> _Fleet | None:
-        """Healthy, unsaturated backends and their loads. The others are left out of the
-        index, and one that is not healthy loses its part: its cache is gone when it is back."""
+        """Healthy, unsaturated backends and their loads (all the healthy ones with a free slot
+        when every one is saturated). One that is not healthy is left out and loses its part
+        of the index: its cache is gone when it is back."""
         self._follow_reloads(targets)
-        candidates = []
+        healthy = []
         for t in targets:
-            if backends.state(t).health(now) != "healthy":
+            if backends.state(t).health(now) == "healthy":
+                healthy.append(t)
+            else:
                 self.index.drop(t.key)
-            elif not self.saturated(t, backends, settings, now):
-                candidates.append(t)
+        candidates = [t for t in healthy if not self.saturated(t, backends, settings, now)]
+        if not candidates:
+            # Every one is saturated: the filter tells them apart no more, so the index and
+            # the guard choose among them all (the guard still spreads the load).
+            candidates = [
+                t
+                for t in healthy
+                if t.max_concurrent is None or backends.state(t).in_flight < t.max_concurrent
+            ]
         if not candidates:
             return None
         loads = {t.key: self.load(t, backends, settings, now) for t in candidates}
