@@ -110,13 +110,14 @@ class CacheAwarePolicy:
     # -- the decision -------------------------------------------------------------------
 
     def load(self, target: Target, backends: Backends, settings: Settings, now: float) -> float:
-        """Requests on a backend per unit of weight: our exact in-flight count, or what the
-        backend itself reports (running + waiting, counting other gateways' requests too)
-        when that is more and fresh."""
+        """Requests on a backend per unit of weight: our exact in-flight count, plus the
+        requests of others (other gateways, other --workers processes) that its last fresh
+        reading showed beyond ours. Not the reading itself: it lags by up to an interval, and
+        a backend that just finished a burst would look busy for that long."""
         load = float(backends.state(target).in_flight)
         reading = self.signals.fresh(target.key, now, settings.metrics_stale_after)
-        if reading is not None and reading.running is not None:
-            load = max(load, reading.running + (reading.waiting or 0.0))
+        if reading is not None:
+            load += reading.others() or 0.0
         return load / target.weight
 
     def saturated(self, target: Target, backends: Backends, settings: Settings, now: float) -> bool:

@@ -4,8 +4,9 @@ cache usage and size, in the dialects of vLLM, SGLang, llama.cpp and our worker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -54,6 +55,14 @@ class Signals:
     kv_usage: float | None = None
     cache_tokens: int | None = None  # num_gpu_blocks x block_size
     at: float = 0.0  # time.monotonic() of the scrape
+    ours: int = 0  # this gateway's own requests in flight there when the reading came
+
+    def others(self) -> float | None:
+        """Requests there that are not this gateway's (other gateways', other processes'),
+        as of the reading; None when the backend does not say."""
+        if self.running is None:
+            return None
+        return max(0.0, self.running + (self.waiting or 0.0) - self.ours)
 
     def as_dict(self, now: float) -> dict[str, object]:
         return {
@@ -122,8 +131,15 @@ class LoadSignals:
                     del table[key]
 
     async def scrape(
-        self, session: aiohttp.ClientSession, target: Target, path: str, limit: float
+        self,
+        session: aiohttp.ClientSession,
+        target: Target,
+        path: str,
+        limit: float,
+        ours: Callable[[], int] = lambda: 0,
     ) -> None:
+        """One reading of `target`'s /metrics; `ours` tells this gateway's in-flight count
+        there, taken when the reading arrives."""
         now = time.monotonic()
         if self.absent_until.get(target.key, 0.0) > now:
             return
@@ -147,7 +163,8 @@ class LoadSignals:
             self.errors[target.key] = "unreachable"
             return
         try:
-            self.readings[target.key] = parse_signals(text, time.monotonic())
+            reading = parse_signals(text, time.monotonic())
+            self.readings[target.key] = dataclasses.replace(reading, ours=ours())
         except ValueError:
             self._absent(target, "not_prometheus_text")
             return

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.background import TICK as IDLE_TICK
 from gateway.cache_aware import CacheAwarePolicy
-from gateway.state import POLICIES, SESSION, STORE
+from gateway.state import BACKENDS, POLICIES, SESSION, STORE
 
 TICK = 0.05  # seconds between looks at what is due (intervals below this are rounded up)
 
@@ -39,8 +39,15 @@ async def run_scrapes(app: web.Application) -> None:
                     continue
                 due[slot] = now + settings.metrics_interval
                 limit = min(settings.metrics_interval * 4, settings.metrics_stale_after)
+                state = app[BACKENDS].state(target)
                 task = asyncio.create_task(
-                    policy.signals.scrape(app[SESSION], target, settings.metrics_path, limit)
+                    policy.signals.scrape(
+                        app[SESSION],
+                        target,
+                        settings.metrics_path,
+                        limit,
+                        lambda state=state: state.in_flight,
+                    )
                 )
                 running[slot] = task  # one scrape at a time per backend: slow ones do not pile up
         idle = not seen

@@ -198,8 +198,9 @@ async def test_reload_keeps_the_index_of_unchanged_replicas(
     a, b, c = [await make_backend() for _ in range(3)]
     gw = await make_gateway(config(a, b, c))
     client = gw.openai()
-    for i in range(12):
-        await client.chat.completions.create(model="m", messages=chat(f"topic {i} " * 40))
+    for i in range(12):  # nothing shared: they spread at random over the three
+        messages = chat(f"topic {i} " * 40, system=f"own prompt {i} " * 30)
+        await client.chat.completions.create(model="m", messages=messages)
 
     async def parts() -> dict[str, int]:
         async with http.get(f"{gw.url}/debug") as r:
