@@ -5,7 +5,7 @@ Run from the repository root:
     .venv/bin/python bench/gateway_bench.py [--reps 3] [--seconds 5] [--concurrency 32]
                                            [--hold 500] [--pin] [--json] [--profile 10]
 
-One run starts a fast fake OpenAI backend (this file, `--serve-backend PORT`) and the real
+One run starts the fast fake OpenAI backend (bench/common.py, `--serve-backend PORT`) and the real
 gateway (`python -m gateway`, JSON access logs on, as deployed) as separate processes on
 loopback, then measures both targets alternately, `--reps` times, and prints medians and the
 ratios gateway/direct. Only ratios from one run mean anything: client, gateway and backend
@@ -33,130 +33,45 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import (
+    DONE,
+    EVENTS_HEADER,
+    HOST,
+    INTERVAL_HEADER,
+    STREAM_EVENTS,
+    HoldResult,
+    completion_body,
+    free_port,
+    median,
+    percentile,
+    run_async,
+    serve_backend,
+    stream_events,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 PUBLIC_MODEL = "bench"
 UPSTREAM_MODEL = "real-model"
 BACKEND_KEY = "sk-bench-key-000000"
-STREAM_EVENTS = 20
-DONE = b"data: [DONE]\n\n"
-SLOW_EVENTS_HEADER = "X-Bench-Events"
-SLOW_INTERVAL_HEADER = "X-Bench-Interval"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _COMPACT = (",", ":")
 _LINE_NUMBER = re.compile(r":\d+\)$")
 
 
 # --------------------------------------------------------------------------------------------
-# The fake backend (runs in its own process: `gateway_bench.py --serve-backend PORT`)
+# The gateway's environment (the fake backend is bench/common.py's, run in its own process:
+# `gateway_bench.py --serve-backend PORT`)
 # --------------------------------------------------------------------------------------------
-
-
-def completion_body(model: str) -> bytes:
-    """A non-stream chat completion of about 500 bytes naming `model`."""
-    payload = {
-        "id": "chatcmpl-bench-4f1c2a9e8b7d6c5e4f3a2b1c0d9e8f7a",
-        "object": "chat.completion",
-        "created": 1700000000,
-        "model": model,
-        "system_fingerprint": "fp_bench_0001",
-        "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": "Hello! This is a canned answer from the benchmark's fake backend. "
-                    "It is long enough to look like a short real reply, and the same every time.",
-                    "refusal": None,
-                },
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 21, "completion_tokens": 38, "total_tokens": 59},
-    }
-    return json.dumps(payload, separators=_COMPACT).encode()
-
-
-def stream_events(model: str, count: int) -> list[bytes]:
-    """`count` SSE chunk events of about 250 bytes each (the last one finishes, with usage)."""
-    events = []
-    for i in range(count):
-        last = i == count - 1
-        chunk: dict[str, Any] = {
-            "id": "chatcmpl-bench-4f1c2a9e8b7d6c5e4f3a2b1c0d9e8f7a",
-            "object": "chat.completion.chunk",
-            "created": 1700000000,
-            "model": model,
-            "system_fingerprint": "fp_bench_0001",
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": {} if last else {"content": f" word{i:02d}"},
-                    "logprobs": None,
-                    "finish_reason": "stop" if last else None,
-                }
-            ],
-        }
-        if last:
-            chunk["usage"] = {"prompt_tokens": 21, "completion_tokens": count, "total_tokens": 41}
-        events.append(b"data: " + json.dumps(chunk, separators=_COMPACT).encode() + b"\n\n")
-    return events
-
-
-async def serve_backend(port: int) -> None:
-    from aiohttp import web
-
-    bodies: dict[str, bytes] = {}
-    streams: dict[tuple[str, int], list[bytes]] = {}
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        try:
-            payload = json.loads(await request.read())
-            model = str(payload["model"])[:100]
-        except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": {"message": "bad request"}}, status=400)
-        if not payload.get("stream"):
-            body = bodies.get(model)
-            if body is None:
-                body = bodies[model] = completion_body(model)
-            return web.Response(body=body, content_type="application/json")
-        # Slow-stream mode for the hold test: first event at once, then one per interval.
-        count = min(max(int(request.headers.get(SLOW_EVENTS_HEADER, STREAM_EVENTS)), 1), 10_000)
-        interval = min(max(float(request.headers.get(SLOW_INTERVAL_HEADER, 0)), 0.0), 60.0)
-        events = streams.get((model, count))
-        if events is None:
-            events = streams[(model, count)] = stream_events(model, count)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
-        for i, event in enumerate(events):
-            if interval and i:
-                await asyncio.sleep(interval)
-            await response.write(event)
-        await response.write(DONE)
-        await response.write_eof()
-        return response
-
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/health", health)
-    await serve_until_signalled(app, port, announce=True)
 
 
 def gateway_environment() -> dict[str, str]:
@@ -171,45 +86,9 @@ def gateway_environment() -> dict[str, str]:
     return env
 
 
-async def serve_until_signalled(app: Any, port: int, announce: bool = False) -> None:
-    """Serve the aiohttp `app` on HOST:port until SIGINT or SIGTERM (a fake backend's life)."""
-    from aiohttp import web
-
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, HOST, port, backlog=2048, reuse_address=True)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if announce:
-        print("ready", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
-    """asyncio.run on uvloop when it is installed (it is, in the repo's venv)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
 # --------------------------------------------------------------------------------------------
 # Child processes and /proc
 # --------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
@@ -466,26 +345,11 @@ async def run_load(
     return result
 
 
-@dataclass
-class HoldResult:
-    streams: int
-    completed: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    all_open_after_s: float | None = None
-    peak_open: int = 0
-    rss_all_open_kib: int | None = None
-    rss_peak_kib: int = 0
-    gateway_cpu_s: float = 0.0
-    seconds: float = 0.0
-
-
 async def hold_streams(
     target: Target, n: int, events: int, interval: float, io_timeout: float, gateway_pid: int
 ) -> HoldResult:
     """`n` slow streams (one event per `interval`) open at once; the gateway's RSS meanwhile."""
-    request = target.request(
-        True, {SLOW_EVENTS_HEADER: str(events), SLOW_INTERVAL_HEADER: str(interval)}
-    )
+    request = target.request(True, {EVENTS_HEADER: str(events), INTERVAL_HEADER: str(interval)})
     result = HoldResult(streams=n)
     open_now = 0
     started = 0
@@ -531,32 +395,19 @@ async def hold_streams(
     gathered = asyncio.gather(*tasks)
     while not gathered.done():
         result.rss_peak_kib = max(result.rss_peak_kib, memory_kib(gateway_pid)["VmRSS"])
-        if all_open.is_set() and result.all_open_after_s is None:
+        if all_open.is_set() and math.isnan(result.all_open_after_s):
             result.all_open_after_s = time.perf_counter() - t0
             result.rss_all_open_kib = memory_kib(gateway_pid)["VmRSS"]
         await asyncio.wait([gathered], timeout=0.1)
     await gathered
     result.seconds = time.perf_counter() - t0
-    result.gateway_cpu_s = cpu_seconds(gateway_pid) - cpu_before
+    result.proxy_cpu_s = cpu_seconds(gateway_pid) - cpu_before
     return result
 
 
 # --------------------------------------------------------------------------------------------
 # Statistics and the report
 # --------------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def median(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.median(finite) if finite else math.nan
 
 
 def ratio(a: float, b: float) -> float:
@@ -899,7 +750,7 @@ async def measure(
         "all_open_after_s": hold.all_open_after_s,
         "rss_all_open_kib": hold.rss_all_open_kib,
         "rss_peak_kib": hold.rss_peak_kib,
-        "gateway_cpu_s": hold.gateway_cpu_s,
+        "gateway_cpu_s": hold.proxy_cpu_s,
         "seconds": hold.seconds,
     }
     return {

@@ -8,7 +8,7 @@ Run from the repository root, as root on Debian (it installs wrk and nginx when 
 
 One run starts, on loopback:
 
-- a fast fake OpenAI backend (this file, `--serve-backend PORT`): a raw asyncio protocol on
+- the fast fake OpenAI backend (bench/common.py, `--serve-backend PORT`): a raw asyncio protocol on
   uvloop, so that it costs far less than either proxy. `POST /v1/chat/completions` answers a
   495-byte chat completion, or with `"stream": true` 20 SSE events (5.4 KB, one send() each)
   and `data: [DONE]`; with `X-Bench-Interval: S` one event every S seconds (held streams);
@@ -49,28 +49,31 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from gateway_bench import (
-    BACKEND_KEY,
+from common import (
     DONE,
     HOST,
-    PUBLIC_MODEL,
+    INTERVAL_HEADER,
     STREAM_EVENTS,
+    HoldResult,
+    free_port,
+    median,
+    percentile,
+    run_async,
+    serve_backend,
+)
+from gateway_bench import (
+    BACKEND_KEY,
+    PUBLIC_MODEL,
     UPSTREAM_MODEL,
     Children,
     _raise_exit,
-    completion_body,
     cpu_seconds,
-    free_port,
     gateway_environment,
-    median,
-    percentile,
     ratio,
-    run_async,
-    stream_events,
     wait_listening,
 )
 
@@ -84,7 +87,6 @@ TARGETS = ("direct", "nginx", "bare", "gateway")
 # Per-rep ratios printed beside the medians: numerator, denominator. gateway/bare is what the
 # gateway adds to aiohttp; bare/nginx is what aiohttp costs against nginx.
 RATIOS = (("gateway", "bare"), ("bare", "nginx"), ("gateway", "nginx"), ("gateway", "direct"))
-INTERVAL_HEADER = b"x-bench-interval:"
 MIB = 1024.0
 # Issue #7's targets for the gateway (with access logging and metrics on): at most, except
 # the --workers 2 scaling, at least.
@@ -96,156 +98,7 @@ GOALS = {
     "hold_rss_mb": 150.0,  # MB, as the issue writes it; the table prints MiB
     "scaling": 1.7,
 }
-
-
-# --------------------------------------------------------------------------------------------
-# The fake backend: a raw asyncio protocol (runs in its own process, `--serve-backend PORT`)
-# --------------------------------------------------------------------------------------------
-
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"]{1,100})"')
-_STREAM = re.compile(rb'"stream"\s*:\s*true')
-_HEADER_VALUE = re.compile(rb"\s*([0-9.]+)")
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-class _Answers:
-    """Responses per model, built once: the backend's steady state is a dict lookup and a few
-    writes, so that it stays much cheaper than the proxies in front of it."""
-
-    def __init__(self) -> None:
-        self.plain: dict[bytes, bytes] = {}
-        self.events: dict[tuple[bytes, int], list[bytes]] = {}
-
-    def completion(self, model: bytes) -> bytes:
-        answer = self.plain.get(model)
-        if answer is None:
-            body = completion_body(model.decode())
-            answer = self.plain[model] = (
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-            )
-        return answer
-
-    def stream(self, model: bytes, count: int) -> list[bytes]:
-        """The head, then each event as one HTTP chunk, then [DONE] and the last chunk."""
-        chunks = self.events.get((model, count))
-        if chunks is None:
-            head = (
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
-            )
-            events = [_chunk(event) for event in stream_events(model.decode(), count)]
-            chunks = self.events[(model, count)] = [head, *events, _chunk(DONE) + b"0\r\n\r\n"]
-        return chunks
-
-
-class BackendProtocol(asyncio.Protocol):
-    answers = _Answers()
-    held: set[BackendProtocol] = set()  # one backend per process
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.timer: asyncio.TimerHandle | None = None
-        self.chunks: list[bytes] = []
-        self.sent = 0
-        self.interval = 0.0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, and set TCP_NODELAY.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.held.discard(self)
-        self.transport = None
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while self.transport is not None:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = self.buffer[:end]
-            length = _CONTENT_LENGTH.search(head)
-            total = end + 4 + (int(length.group(1)) if length else 0)
-            if len(self.buffer) < total:
-                return
-            body = self.buffer[end + 4 : total]
-            self.buffer = self.buffer[total:]
-            self.respond(head, body)
-
-    def respond(self, head: bytes, body: bytes) -> None:
-        transport = self.transport
-        assert transport is not None
-        if head.startswith(b"POST /_release "):
-            released = list(self.held)
-            for stream in released:
-                stream.finish()
-            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (
-                len(str(len(released))), len(released)))  # fmt: skip
-            return
-        if not head.startswith(b"POST"):
-            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            return
-        found = _MODEL.search(body)
-        model = found.group(1) if found else b"unknown"
-        if not _STREAM.search(body):
-            transport.write(self.answers.completion(model))
-            return
-        chunks = self.answers.stream(model, STREAM_EVENTS)
-        interval = _header_number(head.lower(), INTERVAL_HEADER)
-        if not interval:
-            # As fast as it can, but one send() per event, as a model server flushes each one.
-            for chunk in chunks:
-                transport.write(chunk)
-            return
-        # Held: the head and the first event now, then an event every `interval` s until
-        # `POST /_release`, which ends every held stream normally (last event, [DONE]).
-        self.chunks, self.sent, self.interval = chunks, 2, interval
-        self.held.add(self)
-        transport.write(chunks[0] + chunks[1])
-        self.timer = asyncio.get_running_loop().call_later(interval, self.tick)
-
-    def tick(self) -> None:
-        if self.transport is None or self.transport.is_closing():
-            self.held.discard(self)
-            return
-        # The middle events over and over: the first and the last are sent once.
-        self.transport.write(self.chunks[1 + (self.sent - 1) % (len(self.chunks) - 3)])
-        self.sent += 1
-        self.timer = asyncio.get_running_loop().call_later(self.interval, self.tick)
-
-    def finish(self) -> None:
-        self.held.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(self.chunks[-2] + self.chunks[-1])
-
-
-def _header_number(head: bytes, name: bytes) -> float:
-    start = head.find(b"\r\n" + name)
-    if start < 0:
-        return 0.0
-    found = _HEADER_VALUE.match(head, start + 2 + len(name))
-    return float(found.group(1)) if found else 0.0
-
-
-async def serve_backend(port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(BackendProtocol, HOST, port, backlog=4096, reuse_address=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,21 +511,6 @@ def stream_latency(proxy: Proxy, seconds: float, timeout: float) -> dict[str, fl
     }
 
 
-@dataclass
-class HoldResult:
-    streams: int
-    completed: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    peak_open: int = 0
-    all_open_after_s: float = math.nan
-    rss_before_kib: int = 0
-    rss_all_open_kib: int = 0
-    rss_held_kib: int = 0  # after `hold_seconds` with all of them open
-    rss_peak_kib: int = 0
-    rss_after_kib: int = 0
-    proxy_cpu_s: float = 0.0
-
-
 async def _release(backend_port: int) -> None:
     reader, writer = await asyncio.open_connection(HOST, backend_port)
     writer.write(b"POST /_release HTTP/1.1\r\nHost: backend\r\nContent-Length: 0\r\n\r\n")
@@ -691,7 +529,7 @@ async def hold_streams(
 ) -> HoldResult:
     """`n` streams open at once through `proxy` (the backend sends one event per second), held
     `hold_seconds` once all are open, then ended by the backend; the proxy's RSS throughout."""
-    request = proxy.raw_request(True, {"X-Bench-Interval": "1"})
+    request = proxy.raw_request(True, {INTERVAL_HEADER: "1"})
     pids = proxy.pids()
     result = HoldResult(streams=n, rss_before_kib=tree_rss_kib(pids))
     open_now = settled = 0

@@ -4,7 +4,7 @@ Run from the repository root (by hand; it is not a test):
 
     .venv/bin/python bench/soak.py [--streams 100] [--minutes 2] [--chaos-interval 5]
 
-One run starts three fake OpenAI backends (this file, `--serve-backend PORT`, each its own
+One run starts three fake OpenAI backends (bench/common.py's, `--serve-backend PORT`, each its own
 process) and the real gateway (`python -m gateway`) with the three as one model, `soak`, on
 loopback. `--streams` clients then loop for `--minutes`: each starts a streaming chat
 completion (20-50 events, 20 ms apart), reads it to the end and classifies it:
@@ -50,27 +50,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway_bench import (
-    DONE,
+from common import (
+    EVENTS_HEADER,
     HOST,
+    INTERVAL_HEADER,
+    free_port,
+    percentile,
+    run_async,
+    serve_backend,
+)
+from gateway_bench import (
     Children,
     _raise_exit,
-    free_port,
     gateway_environment,
     memory_kib,
-    run_async,
-    serve_until_signalled,
-    stream_events,
     summarize_log,
     wait_listening,
 )
 
 MODEL = "soak"
 BACKENDS = 3
-INTERVAL_HEADER = "X-Soak-Interval"
 EVENTS = (20, 50)  # events per stream, inclusive
 EVENT_INTERVAL = 0.02
-STALL_HOLD = 60.0  # how long a stalled backend holds a request before it drops it
 GATEWAY_CONFIG: dict[str, Any] = {
     "retries": 2,
     "circuitBreaker": {"failures": 3, "cooldown": 5},
@@ -86,83 +87,12 @@ ACTIONS = (
     ("midstream", 2.0, 6.0),
     ("cut", 1.0, 3.0),
 )
-BACKEND_MODES = {"ok", "500", "503", "stall", "midstream", "cut"}
 CLASSES = ("ok", "failed-explicit", "hung", "malformed")
 _TCP_STATES = {
     "01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1",
     "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
     "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING",
 }  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
-# The fake backend with its chaos switch (its own process: `soak.py --serve-backend PORT`)
-# --------------------------------------------------------------------------------------------
-
-
-def _error_body(status: int) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": f"fake backend chaos: {status}",
-            "type": "server_error",
-            "param": None,
-            "code": None,
-        }
-    }
-
-
-async def serve_backend(port: int) -> None:
-    from aiohttp import web
-
-    chaos = {"mode": "ok", "until": 0.0}
-    cache: dict[int, list[bytes]] = {}
-
-    def mode() -> str:
-        return str(chaos["mode"]) if time.monotonic() < float(chaos["until"]) else "ok"
-
-    async def set_chaos(request: web.Request) -> web.Response:
-        body = await request.json()
-        if body.get("mode") not in BACKEND_MODES:
-            return web.json_response({"error": "unknown mode"}, status=400)
-        chaos["mode"] = body["mode"]
-        chaos["until"] = time.monotonic() + min(max(float(body.get("seconds", 0)), 0.0), 600.0)
-        return web.json_response({"mode": chaos["mode"]})
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        payload = json.loads(await request.read())
-        now = mode()
-        if now in ("500", "503"):
-            return web.json_response(_error_body(int(now)), status=int(now))
-        if now == "stall":  # accepted, and nothing sent: the gateway must give up on its own
-            await asyncio.sleep(STALL_HOLD)
-            return web.json_response(_error_body(503), status=503)
-        count = min(max(int(payload.get("max_tokens") or EVENTS[0]), 1), 1000)
-        interval = min(max(float(request.headers.get(INTERVAL_HEADER, EVENT_INTERVAL)), 0), 5)
-        events = cache.get(count)
-        if events is None:
-            events = cache[count] = stream_events(str(payload.get("model"))[:100], count)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
-        for i, event in enumerate(events):
-            if i:
-                await asyncio.sleep(interval)
-            now = mode()
-            if now in ("midstream", "cut") and request.transport is not None:
-                if now == "midstream":  # the headers and some events, then silence
-                    await asyncio.sleep(STALL_HOLD)
-                request.transport.abort()  # never a clean end: no last chunk
-                return response
-            await response.write(event)
-        await response.write(DONE)
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/_chaos", set_chaos)
-    await serve_until_signalled(app, port)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +257,11 @@ async def one_stream(session: Any, url: str, limit_s: float, started: float) -> 
     try:
         async with (
             asyncio.timeout(limit_s),
-            session.post(url, json=body, headers={INTERVAL_HEADER: str(EVENT_INTERVAL)}) as resp,
+            session.post(
+                url,
+                json=body,
+                headers={INTERVAL_HEADER: str(EVENT_INTERVAL), EVENTS_HEADER: str(count)},
+            ) as resp,
         ):
             request_id = resp.headers.get("X-Request-ID", "")
             if resp.status != 200:
@@ -550,13 +484,6 @@ def log_details(path: Path) -> dict[str, Any]:
             if entry.get("level") in ("error", "critical") and len(examples) < 8:
                 examples.append(raw.decode("utf-8", "replace").rstrip()[:300])
     return {"errors": errors, "failures": failures, "examples": examples}
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def print_report(args: argparse.Namespace, result: dict[str, Any], log_path: Path) -> int:

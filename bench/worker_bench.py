@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from common import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/worker_bench.py` from anywhere can import worker
@@ -93,17 +93,11 @@ async def run_level(
     return Result(concurrency, sum(t for t, _ in flat), seconds, [f for _, f in flat])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Worker:
     """A `python -m worker` subprocess, started and stopped around one measurement."""
 
     def __init__(self, model: str, extra: list[str], log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = log_path
         env = {**os.environ, "LOG_FORMAT": "json", "PYTHONPATH": str(REPO)}
         env.pop("WORKER_API_KEY", None)

@@ -8,11 +8,15 @@ import asyncio
 import os
 import sys
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, env_value, load_config
 from gateway.redact import mask
 from gateway.routing import build_route
 
 DEFAULT_PORT = 3333
+
+
+def _env(name: str) -> str | None:
+    return env_value(os.environ, name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""other environment variables:
   GATEWAY_ADMIN_KEY  when set, /debug, /reload and /usage need 'Authorization: Bearer <key>'
-  ALLOW_ORIGINS      comma-separated CORS origins (overrides the file's allowOrigins)
+  ALLOW_ORIGINS      comma-separated CORS origins (overrides the file's allowOrigins;
+                     empty means unset)
   GATEWAY_DRAIN_TIMEOUT  seconds in-flight requests get to finish on SIGTERM (default 30)
   PROMETHEUS_MULTIPROC_DIR  with --workers: where the processes keep their metrics
                      (default: a temporary folder, removed on exit)
@@ -38,24 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config",
-        default=os.environ.get("GATEWAY_CONFIG", "config.json"),
+        default=_env("GATEWAY_CONFIG") or "config.json",
         help="endpoint map, JSON or YAML (env GATEWAY_CONFIG; default config.json)",
     )
     parser.add_argument(
         "--host",
-        default=os.environ.get("GATEWAY_HOST", "0.0.0.0"),
+        default=_env("GATEWAY_HOST") or "0.0.0.0",
         help="address to bind (env GATEWAY_HOST; default 0.0.0.0)",
     )
     parser.add_argument(
         "--port",
         type=int,
-        default=int(os.environ.get("GATEWAY_PORT", DEFAULT_PORT)),
+        default=int(_env("GATEWAY_PORT") or DEFAULT_PORT),
         help=f"port (env GATEWAY_PORT; default {DEFAULT_PORT})",
     )
     parser.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("GATEWAY_WORKERS") or 1),
+        default=int(_env("GATEWAY_WORKERS") or 1),
         help="processes sharing the port, one event loop each (env GATEWAY_WORKERS; default 1)",
     )
     return parser
@@ -99,14 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.server import DEFAULT_DRAIN_TIMEOUT, serve_forever
     from gateway.state import Settings
 
-    origins = os.environ.get("ALLOW_ORIGINS")
-    settings = Settings(
-        admin_key=os.environ.get("GATEWAY_ADMIN_KEY") or None,
-        allow_origins=None
-        if origins is None
-        else tuple(o.strip() for o in origins.split(",") if o.strip()),
-    )
-    drain = float(os.environ.get("GATEWAY_DRAIN_TIMEOUT") or DEFAULT_DRAIN_TIMEOUT)
+    settings = Settings.from_env(os.environ)
+    drain = float(_env("GATEWAY_DRAIN_TIMEOUT") or DEFAULT_DRAIN_TIMEOUT)
     if args.workers < 1:
         print("--workers must be 1 or more", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from typing import Any
 from gateway.client_keys import Caller
 from gateway.rate_limits import WINDOW, LocalWindows, check, headers, limited, refusal
 from gateway.redis_limits import RedisUnavailable, RedisWindows
-from wire.errors import SERVER_ERROR, APIError
+from wire.errors import APIError
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +74,11 @@ class AdmissionControl:
                     )
                 return Admission(caller, headers(caller, standing), redis, lease)
         if not self.fail_open:
-            raise APIError(
-                503,
+            raise APIError.unavailable(
                 "Rate limits are kept in Redis, which cannot be reached right now, and the "
                 "gateway is configured not to serve without them (redisFailOpen: false).",
-                SERVER_ERROR,
-                None,
-                "rate_limiter_unavailable",
-                headers={"Retry-After": "1"},
+                code="rate_limiter_unavailable",
+                retry_after=1,
             )
         # Fail-open: this process's own windows still hold each key to its limits here.
         return Admission(caller, self.local.admit(caller) if limited(caller) else {})

@@ -14,11 +14,13 @@ from gateway.backends import Backends
 from gateway.background import background
 from gateway.catalog import Catalog
 from gateway.discovery import run_discovery
+from gateway.dns_discovery import DnsDiscovery, run_dns_discovery
 from gateway.handlers import admin, openai
 from gateway.health import run_health_checks
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics
 from gateway.middleware import access_middleware, add_response_headers
+from gateway.object_routes import ObjectRoutes, close_client
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore, ReloadOutcome, run_watcher
 from gateway.routing import Snapshot
@@ -28,15 +30,18 @@ from gateway.state import (
     BACKENDS,
     CATALOG,
     CLOSING,
+    DNS,
     DRAINING,
     LIMITER,
     METRICS,
+    OBJECTS,
     POLICIES,
     REDACTOR,
     SESSION,
     SETTINGS,
     STARTED,
     STORE,
+    USAGE_LOG,
     Settings,
 )
 from gateway.upstream import make_session
@@ -58,6 +63,8 @@ def build_app(
     for target in store.current.targets().values():
         backends.state(target)
     metrics.watch_backends(backends)
+    dns = DnsDiscovery(metrics.registry)
+    dns.configure(store.current)
     redactor = Redactor(store.current.secrets())
     if settings.admin_key:
         redactor.add([settings.admin_key])
@@ -69,20 +76,24 @@ def build_app(
     )
     # Closing a replaced Redis client is async; the reload that replaced it is not.
     closing: set[asyncio.Task[None]] = set()
-    _use_redis(limits, store.current, closing)
+    objects = ObjectRoutes(on_redis_error=metrics.redis_errors.inc)
+    _use_redis(limits, objects, store.current, closing)
 
     def on_reload(outcome: ReloadOutcome, snapshot: Snapshot) -> None:
         metrics.reloads.labels("ok" if outcome.ok else "error", outcome.trigger).inc()
         if outcome.ok:
             redactor.add(snapshot.secrets())
-            _use_redis(limits, snapshot, closing)
+            _use_redis(limits, objects, snapshot, closing)
             metrics.set_models(snapshot.routes)
-            backends.retain(set(snapshot.targets()))
+            dns.configure(snapshot)
+            backends.retain(set(snapshot.targets()) | dns.target_keys())
             for target in snapshot.targets().values():
                 backends.state(target)
 
     store.subscribe(on_reload)
-    usage_log = UsageLog()
+    usage_log = UsageLog(
+        on_error=lambda reason, lines: metrics.usage_log_errors.labels(reason).inc(lines)
+    )
 
     app = web.Application(
         middlewares=[
@@ -102,14 +113,19 @@ def build_app(
     app[CATALOG] = Catalog()
     app[LIMITER] = limits
     app[CLOSING] = closing
+    app[DNS] = dns
     app[STARTED] = int(time.time())  # `created` of every model card
+    app[USAGE_LOG] = usage_log
+    app[OBJECTS] = objects
     app.on_response_prepare.append(add_response_headers)
     app.on_cleanup.append(lambda _: _close(usage_log))
     app.on_cleanup.append(lambda _: limits.close())
+    app.on_cleanup.append(lambda _: objects.close())
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(background(run_health_checks))
     app.cleanup_ctx.append(background(run_discovery))
     app.cleanup_ctx.append(background(run_scrapes))
+    app.cleanup_ctx.append(background(lambda app: run_dns_discovery(dns, backends, store)))
     if metrics.multiprocess:
         app.cleanup_ctx.append(background(_sync_metrics))
     if watch:
@@ -120,18 +136,27 @@ def build_app(
 
 
 async def _close(usage_log: UsageLog) -> None:
-    usage_log.close()
+    await asyncio.to_thread(usage_log.close)  # it waits for the writer: not on the loop
 
 
 def _use_redis(
-    limits: AdmissionControl, snapshot: Snapshot, closing: set[asyncio.Task[None]]
+    limits: AdmissionControl,
+    objects: ObjectRoutes,
+    snapshot: Snapshot,
+    closing: set[asyncio.Task[None]],
 ) -> None:
     config = snapshot.config
     replaced = limits.configure(config.redis_url, config.redis_fail_open)
-    if replaced is not None:  # the reload named another Redis
-        task = asyncio.get_running_loop().create_task(replaced.close())
-        closing.add(task)
-        task.add_done_callback(closing.discard)
+    replaced_client = objects.configure(config.redis_url)
+    # The reload named another Redis: the old clients close in the background.
+    for closed in (
+        None if replaced is None else replaced.close(),
+        None if replaced_client is None else close_client(replaced_client),
+    ):
+        if closed is not None:
+            task = asyncio.get_running_loop().create_task(closed)
+            closing.add(task)
+            task.add_done_callback(closing.discard)
 
 
 async def _sync_metrics(app: web.Application) -> None:

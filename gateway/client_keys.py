@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.config import ClientKey
-from wire.errors import INVALID_REQUEST, PERMISSION, APIError
+from wire.errors import INVALID_REQUEST, APIError
 from wire.headers import bearer_token
 
 
@@ -49,13 +49,10 @@ class KeyRing:
             return None
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
-            raise APIError(
-                401,
+            raise APIError.unauthorized(
                 "You didn't provide an API key. Send 'Authorization: Bearer <key>'.",
-                INVALID_REQUEST,
-                None,
-                "missing_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
+                code="missing_api_key",
+                type_=INVALID_REQUEST,
             )
         presented = hashlib.sha256(token.encode()).digest()
         found = None
@@ -64,23 +61,16 @@ class KeyRing:
             if hmac.compare_digest(presented, digest):
                 found = caller
         if found is None:
-            raise APIError(
-                401,
-                "Incorrect API key provided.",
-                INVALID_REQUEST,
-                None,
-                "invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
+            raise APIError.unauthorized(
+                "Incorrect API key provided.", code="invalid_api_key", type_=INVALID_REQUEST
             )
         return found
 
 
 def authorize(caller: Caller | None, model: str) -> None:
     if caller is not None and not caller.may_use(model):
-        raise APIError(
-            403,
+        raise APIError.forbidden(
             f"The key '{caller.name}' may not use the model '{model}'.",
-            PERMISSION,
-            "model",
-            "model_not_allowed",
+            code="model_not_allowed",
+            param="model",
         )

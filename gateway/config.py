@@ -154,6 +154,10 @@ class Backend(_Strict):
     # Its prefix-cache size in tokens, for the cache-aware index; default: read from its
     # /metrics (vLLM), else DEFAULT_CACHE_TOKENS.
     cache_tokens: int | None = Field(None, ge=16, alias="cacheTokens")
+    # "dns": one backend per address the URL's host resolves to, re-resolved every
+    # discoverInterval seconds (gateway/dns_discovery.py).
+    discover: Literal["dns"] | None = None
+    discover_interval: float = Field(10.0, gt=0, alias="discoverInterval")
 
 
 class Routing(_Strict):
@@ -187,6 +191,8 @@ class Endpoint(RoutingOverrides):
     api_key: str | None = Field(None, alias="apiKey")
     actual_model_name: str | None = Field(None, alias="actualModelName")
     headers: Headers = Field(default_factory=dict)
+    discover: Literal["dns"] | None = None
+    discover_interval: float = Field(10.0, gt=0, alias="discoverInterval")
     # Wildcard routes: how often the backend's own model list is refreshed.
     models_refresh: float = Field(60.0, gt=0, alias="modelsRefresh")
 
@@ -328,6 +334,12 @@ def interpolate(
         return ""
 
     return _VAR.sub(substitute, value)
+
+
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """A setting from the environment, None when unset or empty: compose's `${VAR:-}` sets
+    every variable it lists, so an empty one must mean "not given", never "given as nothing"."""
+    return env.get(name, "").strip() or None
 
 
 def _join(path: str, key: Any) -> str:

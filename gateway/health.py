@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.backends import Ticket
 from gateway.background import TICK
 from gateway.routing import Route, Target
-from gateway.state import BACKENDS, SESSION, STORE
+from gateway.state import BACKENDS, DNS, SESSION, STORE
 from gateway.upstream import get_models
 
 log = structlog.get_logger("gateway.health")
@@ -44,7 +44,7 @@ async def run_health_checks(app: web.Application) -> None:
             interval = route.health_check.interval
             if interval is None:
                 continue
-            for target in route.targets:
+            for target in app[DNS].expand(route).targets:
                 checked.add(target.key)
                 if due.get(target.key, 0.0) <= now:
                     due[target.key] = now + interval

@@ -115,6 +115,13 @@ class Metrics:
             "Redis calls that failed (the limits were then kept in this process, or refused).",
             registry=r,
         )
+        self.usage_log_errors = Counter(
+            "gateway_usage_log_errors_total",
+            "Usage log lines lost: the file could not be written (write) or the writer was too "
+            "far behind (queue_full).",
+            ["reason"],
+            registry=r,
+        )
         self._redis_up: Gauge | None = None  # only when a redisUrl is configured
         self._models: frozenset[str] = frozenset()
         self.set_models(models)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -22,6 +23,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.backends import Backends, Ticket
 from gateway.middleware import RequestRecord
+from gateway.object_routes import ObjectRoute, ObjectRoutes
 from gateway.redact import Redactor
 from gateway.relay import BackendAnswer, is_event_stream, is_json_like, relay
 from gateway.request_body import RequestBody
@@ -35,7 +37,7 @@ from gateway.upstream import (
     open_response,
     upstream_url,
 )
-from wire.errors import UPSTREAM_ERROR, APIError
+from wire.errors import APIError
 from wire.sse import EventTooLarge, SSESplitter
 
 log = structlog.get_logger("gateway.proxy")
@@ -60,6 +62,7 @@ class ClientRequest:
     headers: CIMultiDictProxy[str]
     body: RequestBody
     wants_usage: bool  # a stream that did not ask for usage: the gateway asks for it
+    creates_objects: bool = False  # POST /responses: the answer names an object to remember
 
 
 class NoBackend(Exception):
@@ -93,7 +96,9 @@ class ProxiedRequest:
     client: ClientRequest
     record: RequestRecord
     deadline: Deadline
+    objects: ObjectRoutes | None = None
     tried: set[str] = field(default_factory=set)
+    _remembering: asyncio.Task[None] | None = None
     # The route's policy, once it has ordered the backends; and what it decided, for the
     # policies that remember where requests went (cache-aware).
     policy: Policy | None = None
@@ -114,16 +119,14 @@ class ProxiedRequest:
             answer, ticket = await self._attempts()
         except UpstreamError as exc:
             self.record.error = exc.kind
-            raise APIError(exc.status, exc.message, UPSTREAM_ERROR, None, exc.kind) from None
+            raise APIError.upstream(exc.status, exc.message, code=exc.kind) from None
         except NoBackend as exc:
             self.record.error = exc.code
-            raise APIError(
+            raise APIError.upstream(
                 exc.status,
                 exc.message,
-                UPSTREAM_ERROR,
-                None,
-                exc.code,
-                headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+                code=exc.code,
+                retry_after=max(1, round(exc.retry_after)),
             ) from None
         return await self._relay(request, answer, ticket)
 
@@ -235,9 +238,17 @@ class ProxiedRequest:
         """Past this point the client has an answer started: failures end it in-band."""
         record = self.record
         completed = False
+        on_created = None
+        if self.client.creates_objects and self.objects is not None:
+            on_created = self._created_by(answer.hop)
         try:
-            response = await relay(request, answer, record, self.deadline, self.redactor)
+            response = await relay(
+                request, answer, record, self.deadline, self.redactor, on_created
+            )
             completed = record.error is None
+            if self._remembering is not None:
+                # Shared (Redis) before the client can ask another gateway about it.
+                await self._remembering
             return response
         finally:
             # The verdict comes when the answer is over: a stream that dies after its
@@ -246,6 +257,17 @@ class ProxiedRequest:
             self._verdict(
                 ticket, answer.response, failure or _http_failure(answer.response), completed
             )
+
+    def _created_by(self, hop: Hop) -> Callable[[str], None]:
+        objects = self.objects
+        assert objects is not None
+        entry = ObjectRoute(hop.route.public_id, hop.public_id, hop.target.key, self.record.key)
+
+        def created(object_id: str) -> None:
+            # A task, started at once: a request naming it while the stream runs finds it.
+            self._remembering = asyncio.ensure_future(objects.remember(object_id, entry))
+
+        return created
 
     def _verdict(
         self,

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gateway.client_keys import Caller
-from wire.errors import RATE_LIMIT, APIError
+from wire.errors import APIError
 
 WINDOW = 60.0
 
@@ -49,13 +49,10 @@ def headers(caller: Caller, standing: Standing) -> dict[str, str]:
 
 def refusal(caller: Caller, standing: Standing, what: str, wait: float) -> APIError:
     retry = max(1, math.ceil(wait))
-    return APIError(
-        429,
+    return APIError.rate_limited(
         f"Rate limit reached for key '{caller.name}' on {what}. Please try again in {retry}s.",
-        RATE_LIMIT,
-        None,
-        "rate_limit_exceeded",
-        headers={"Retry-After": str(retry), **headers(caller, standing)},
+        retry_after=retry,
+        headers=headers(caller, standing),
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -19,6 +21,7 @@ from gateway.rewrite import (
     RewrittenEvent,
     dumps,
     loads,
+    response_id_of,
     rewrite_event,
     rewrite_json_body,
     usage_of,
@@ -26,6 +29,7 @@ from gateway.rewrite import (
 from gateway.routing import Hop
 from gateway.upstream import BodyReader, Deadline, UpstreamError, read_chunks, returned_headers
 from wire.errors import UPSTREAM_ERROR, error_payload
+from wire.protocol import NO_BUFFERING
 from wire.sse import EventTooLarge, SSESplitter, encode_data
 
 UPSTREAM_MODEL_HEADER = "x-gateway-upstream-model"
@@ -64,14 +68,16 @@ async def relay(
     record: RequestRecord,
     deadline: Deadline,
     redactor: Redactor,
+    on_created: Callable[[str], None] | None = None,
 ) -> web.StreamResponse:
-    """The answer to the client, in the shape the backend's response calls for."""
+    """The answer to the client, in the shape the backend's response calls for.
+    `on_created` hears the id of a Responses API object the answer carries."""
     upstream, hop = answer.response, answer.hop
     record.upstream_status = upstream.status
     if is_event_stream(upstream):
-        return await _relay_events(request, answer, record, deadline)
+        return await _relay_events(request, answer, record, deadline, on_created)
     if is_json_like(upstream):
-        return await _relay_json(upstream, hop, record, answer.head, redactor)
+        return await _relay_json(upstream, hop, record, answer.head, redactor, on_created)
     return await _relay_bytes(request, upstream, hop, record, _body(answer, deadline))
 
 
@@ -90,6 +96,7 @@ async def _relay_json(
     record: RequestRecord,
     body: bytes,
     redactor: Redactor,
+    on_created: Callable[[str], None] | None,
 ) -> web.Response:
     record.first_byte_at = time.monotonic()
     headers = _headers(upstream, hop)
@@ -103,7 +110,7 @@ async def _relay_json(
             text = body.decode("utf-8", "replace").strip()[:2000]
             message = f"backend for model '{hop.public_id}' answered {upstream.status}: {text}"
             body = json.dumps(
-                error_payload(message, UPSTREAM_ERROR, None, "upstream_error")
+                error_payload(message, type_=UPSTREAM_ERROR, code="upstream_error")
             ).encode()
             headers["Content-Type"] = "application/json"
         return web.Response(status=upstream.status, body=body, headers=headers)
@@ -112,20 +119,25 @@ async def _relay_json(
         record.prompt_tokens, record.completion_tokens = rewritten.usage
     if rewritten.upstream_model:
         headers[UPSTREAM_MODEL_HEADER] = rewritten.upstream_model
+    if on_created is not None and rewritten.response_id is not None:
+        on_created(rewritten.response_id)
     return web.Response(status=upstream.status, body=rewritten.body, headers=headers)
 
 
 async def _relay_events(
-    request: web.Request, answer: BackendAnswer, record: RequestRecord, deadline: Deadline
+    request: web.Request,
+    answer: BackendAnswer,
+    record: RequestRecord,
+    deadline: Deadline,
+    on_created: Callable[[str], None] | None,
 ) -> web.StreamResponse:
     upstream, hop = answer.response, answer.hop
     response = web.StreamResponse(status=upstream.status, headers=_headers(upstream, hop))
-    response.headers["Cache-Control"] = "no-cache"
-    # Tell an nginx in front of us not to buffer the stream either.
-    response.headers["X-Accel-Buffering"] = "no"
+    # No caching, and tell an nginx in front of us not to buffer the stream either.
+    response.headers.update(NO_BUFFERING)
     await response.prepare(request)
     record.streamed = True
-    events = _EventRewriter(hop.public_id, record, answer.usage_added)
+    events = _EventRewriter(hop.public_id, record, answer.usage_added, on_created)
     reader = None if answer.complete else BodyReader(upstream, hop, deadline)
     try:
         await _pump_events(response, events, reader, answer.head)
@@ -166,9 +178,16 @@ class _EventRewriter:
     """One stream's events on their way to the client: the public id put in, usage read,
     and what the gateway itself asked for taken out."""
 
-    __slots__ = ("_public_id", "_record", "_splitter", "_strip_usage", "_swap")
+    __slots__ = ("_on_created", "_public_id", "_record", "_splitter", "_strip_usage", "_swap")
 
-    def __init__(self, public_id: str, record: RequestRecord, strip_usage: bool) -> None:
+    def __init__(
+        self,
+        public_id: str,
+        record: RequestRecord,
+        strip_usage: bool,
+        on_created: Callable[[str], None] | None = None,
+    ) -> None:
+        self._on_created = on_created  # until the stream has named its response
         self._public_id = public_id
         self._record = record
         self._strip_usage = strip_usage
@@ -193,17 +212,25 @@ class _EventRewriter:
             data, payload, source = rewritten.data, rewritten.payload, rewritten.source
         else:
             data, payload, source = swapped
+        if self._on_created is not None:
+            self._created(payload)
         # `usage` is read only where it can be: its key in the bytes, or escapes
         # (find, not `in`: see rewrite._model_value).
         if payload is None or (source.find(b'"usage"') == -1 and source.find(b"\\") == -1):
             return data
         usage = usage_of(payload, source)
-        if not usage:
-            return data
-        self._record.prompt_tokens, self._record.completion_tokens = usage
-        if not self._strip_usage:
-            return data
-        return _without_usage(RewrittenEvent(data, payload, source), self._public_id)
+        if usage:
+            self._record.prompt_tokens, self._record.completion_tokens = usage
+        if self._strip_usage and payload.__class__ is dict and "usage" in payload:
+            return _without_usage(RewrittenEvent(data, payload, source), self._public_id)
+        return data
+
+    def _created(self, payload: Any) -> None:
+        """`response.created`, the first event of a Responses API stream, names the object."""
+        found = response_id_of(payload)
+        if found is not None and self._on_created is not None:
+            self._on_created(found)
+            self._on_created = None
 
     async def end(self, response: web.StreamResponse, out: bytes) -> None:
         """The backend's body is over: a stream cut inside an event is a dead one."""
@@ -220,8 +247,10 @@ class _EventRewriter:
 
 def _without_usage(rewritten: RewrittenEvent, public_id: str) -> bytes | None:
     """The event as the client would have had it without the gateway's usage request: the
-    usage-only chunk disappears, and a chunk that also carries choices loses its `usage`."""
-    if not rewritten.payload.get("choices"):
+    usage-only chunk disappears, and a chunk that also carries choices loses its `usage`,
+    whether counts or the `"usage": null` vLLM puts on every chunk once usage is asked for."""
+    payload = rewritten.payload
+    if payload.get("usage") is not None and not payload.get("choices"):
         return None
     kept = _cut_usage(rewritten)
     if kept is not None:
@@ -234,22 +263,17 @@ def _cut_usage(rewritten: RewrittenEvent) -> bytes | None:
     """The event's JSON without its top-level `usage` member, cut out of the bytes; None
     unless the result reads as exactly the payload without `usage`."""
     payload, data = rewritten.payload, rewritten.data
-    usage = payload.get("usage")
-    if not isinstance(usage, dict) or not data.startswith(b"data: ") or data.count(b"\n") != 2:
+    if not data.startswith(b"data: ") or data.count(b"\n") != 2:
         return None
     text = data[6:-2]
-    try:
-        member = b'"usage":' + orjson.dumps(usage)  # as compact encoders (and orjson) write it
-    except TypeError:
+    span = _usage_member(text, payload.get("usage"))
+    if span is None:
         return None
-    at = text.find(member)
-    if at == -1 or text.find(member, at + 1) != -1:
-        return None
-    before, after = text[:at].rstrip(), text[at + len(member) :].lstrip()
+    before, after = text[: span[0]].rstrip(), text[span[1] :].lstrip()
     if before.endswith(b","):
         kept = before[:-1] + after
     elif after.startswith(b","):
-        kept = before + after[1:]
+        kept = before + after[1:].lstrip()
     else:
         return None
     try:
@@ -260,12 +284,37 @@ def _cut_usage(rewritten: RewrittenEvent) -> bytes | None:
     return kept
 
 
+# `"usage": null`, however the backend spaced it.
+_NULL_USAGE = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*null')
+
+
+def _usage_member(text: bytes, usage: Any) -> tuple[int, int] | None:
+    """Where the one top-level `usage` member is in the event's JSON, or None when it cannot
+    be found for certain (the caller then checks the cut against the payload anyway)."""
+    if usage is None:
+        found = _NULL_USAGE.findall(text)
+        match = _NULL_USAGE.search(text) if len(found) == 1 else None
+        return None if match is None else match.span()
+    if not isinstance(usage, dict):
+        return None
+    try:
+        member = b'"usage":' + orjson.dumps(usage)  # as compact encoders (and orjson) write it
+    except TypeError:
+        return None
+    at = text.find(member)
+    if at == -1 or text.find(member, at + 1) != -1:
+        return None
+    return at, at + len(member)
+
+
 async def _end_with_error(
     response: web.StreamResponse, record: RequestRecord, exc: UpstreamError
 ) -> None:
     """End a stream that already started so that no client can take it for a finished one."""
     record.fail(exc.kind)
-    await response.write(encode_data(error_payload(exc.message, UPSTREAM_ERROR, None, exc.kind)))
+    await response.write(
+        encode_data(error_payload(exc.message, type_=UPSTREAM_ERROR, code=exc.kind))
+    )
     await response.write_eof()
 
 

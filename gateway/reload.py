@@ -116,30 +116,49 @@ class ConfigStore:
         return _digest(self.path) != self._digest
 
 
-def _concerns(config_name: str) -> Callable[[Change, str], bool]:
+def _concerns(*config_names: str) -> Callable[[Change, str], bool]:
     """Only the config file, and the `..data` link Kubernetes swaps under a ConfigMap, wake
     the watcher: anything else in the folder (a log file beside the config, say) must not."""
 
     def accept(_change: Change, path: str) -> bool:
         name = Path(path).name
-        return name == config_name or name.startswith("..")
+        return name in config_names or name.startswith("..")
 
     return accept
 
 
+def _watched(path: Path) -> tuple[Path, ...]:
+    """The folder the config is named in, and the folder it really lives in when it is a
+    symlink to somewhere else. A ConfigMap's file links into a timestamped folder inside
+    the mount that the kubelet deletes at the next update: the `..data` swap in the named
+    folder is what announces every update, so that folder alone is watched."""
+    named = path.absolute().parent
+    real = path.resolve().parent
+    return (named,) if real.is_relative_to(named) else (named, real)
+
+
 async def watch_config(store: ConfigStore, debounce_ms: int = 300) -> None:
-    """Reload when the file's content changes. The folder is watched, not the file, because
+    """Reload when the file's content changes. Folders are watched, not the file, because
     editors and Kubernetes ConfigMaps replace files by renaming."""
-    folder = store.path.resolve().parent
-    changes = awatch(
-        folder,
-        watch_filter=_concerns(store.path.name),
-        debounce=debounce_ms,
-        recursive=False,
-        step=50,
-    )
-    async for _ in changes:
-        if store.changed_on_disk():
+    while True:
+        folders = _watched(store.path)
+        stop = asyncio.Event()
+        changes = awatch(
+            *folders,
+            watch_filter=_concerns(store.path.name, store.path.resolve().name),
+            debounce=debounce_ms,
+            recursive=False,
+            step=50,
+            stop_event=stop,
+        )
+        async for _ in changes:
+            if store.changed_on_disk():
+                store.reload("file")
+            if _watched(store.path) != folders:
+                stop.set()  # the symlink was pointed at another folder: watch that one
+        if not stop.is_set():
+            return
+        if store.changed_on_disk():  # an edit made while the watcher moved
             store.reload("file")
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from gateway.multipart import boundary_of, replace_model_field
 from gateway.rewrite import dumps, loads, splice_models
 from gateway.routing import Hop
-from wire.errors import INVALID_REQUEST, APIError
+from wire.errors import APIError
 
 _INCLUDE_USAGE_MEMBER = b'"stream_options":{"include_usage":true}'
 
@@ -16,16 +16,23 @@ _INCLUDE_USAGE_MEMBER = b'"stream_options":{"include_usage":true}'
 class RequestBody:
     """The request body with its `model` found, ready to be rewritten for a route."""
 
-    def __init__(self, content_type: str, raw: bytes) -> None:
+    def __init__(self, content_type: str, raw: bytes, model: str | None = None) -> None:
         self.raw = raw
         self.content_type = content_type
         self._boundary = (
             boundary_of(content_type)
-            if content_type.lower().startswith("multipart/form-data")
+            if model is None and content_type.lower().startswith("multipart/form-data")
             else None
         )
         self.payload: dict[str, Any] | None = None
-        self.model = self._find_model()
+        self._as_sent = model is not None
+        self.model = self._find_model() if model is None else model
+
+    @classmethod
+    def as_sent(cls, content_type: str, raw: bytes, model: str) -> RequestBody:
+        """A body that names no model (a request about an object), for a route chosen by
+        `model`: passed to the backend as the client sent it."""
+        return cls(content_type, raw, model)
 
     def _find_model(self) -> str:
         if self._boundary is not None:
@@ -40,12 +47,8 @@ class RequestBody:
         if model is None:
             raise missing_model()
         if not isinstance(model, str) or not model:
-            raise APIError(
-                400,
-                "'model' must be a non-empty string.",
-                INVALID_REQUEST,
-                "model",
-                "invalid_model",
+            raise APIError.bad_request(
+                "'model' must be a non-empty string.", code="invalid_model", param="model"
             )
         self.payload = payload
         return model
@@ -63,6 +66,8 @@ class RequestBody:
         """The body as this backend gets it: its model name (and `stream_options` when the
         gateway asks for usage). Only the model's bytes change (and stream_options is added)
         where that is provably what re-encoding would give; re-encoding is for the rest."""
+        if self._as_sent:
+            return self.raw
         if self._boundary is not None:
             return replace_model_field(self.raw, self._boundary, hop.upstream_model)[1]
         assert self.payload is not None
@@ -97,34 +102,23 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         payload = loads(raw)
     except RecursionError:
-        raise APIError(
-            400, "The JSON body is nested too deeply.", INVALID_REQUEST, None, "invalid_json"
+        raise APIError.bad_request(
+            "The JSON body is nested too deeply.", code="invalid_json"
         ) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(
-            400,
+        raise APIError.bad_request(
             f"We could not parse the JSON body of your request ({exc}). "
             "The body must be a JSON object.",
-            INVALID_REQUEST,
-            None,
-            "invalid_json",
+            code="invalid_json",
         ) from None
     if not isinstance(payload, dict):
-        raise APIError(
-            400,
-            "The request body must be a JSON object.",
-            INVALID_REQUEST,
-            None,
-            "invalid_json",
-        )
+        raise APIError.bad_request("The request body must be a JSON object.", code="invalid_json")
     return payload
 
 
 def missing_model() -> APIError:
-    return APIError(
-        400,
+    return APIError.bad_request(
         "You must provide a model parameter: the gateway routes each request by its 'model'.",
-        INVALID_REQUEST,
-        "model",
-        "missing_model",
+        code="missing_model",
+        param="model",
     )

@@ -153,6 +153,7 @@ class RewrittenBody:
     body: bytes
     upstream_model: str | None
     usage: tuple[int, int] | None
+    response_id: str | None = None  # the `id` of a Responses API object (`object: response`)
 
 
 def rewrite_json_body(body: bytes, public_id: str) -> RewrittenBody:
@@ -166,6 +167,7 @@ def rewrite_json_body(body: bytes, public_id: str) -> RewrittenBody:
     if not isinstance(upstream_model, str):
         upstream_model = None
     usage = usage_of(payload, body)
+    response_id = response_id_of(payload)
     places = model_places(payload)
     if set_response_model(payload, public_id):
         spliced = splice_models(body, public_id, payload, places)
@@ -174,7 +176,20 @@ def rewrite_json_body(body: bytes, public_id: str) -> RewrittenBody:
             set_response_model(exact, public_id)
             spliced = dumps(exact)
         body = spliced
-    return RewrittenBody(body, upstream_model, usage)
+    return RewrittenBody(body, upstream_model, usage, response_id)
+
+
+def response_id_of(payload: Any) -> str | None:
+    """The id of the Responses API object a body is (`object: response`) or an event carries
+    (`response.id`): what requests naming it later are routed by."""
+    if payload.__class__ is not dict:
+        return None
+    if payload.get("object") != "response":
+        payload = payload.get("response")
+        if payload.__class__ is not dict or payload.get("object", "response") != "response":
+            return None
+    found = payload.get("id")
+    return found if isinstance(found, str) and found else None
 
 
 @dataclass(slots=True)

@@ -43,6 +43,13 @@ class Target:
     headers: Mapping[str, str]
     weight: float
     max_concurrent: int | None
+    # Seconds between DNS look-ups when this target stands for every address its host
+    # resolves to (`discover: "dns"`); None for a plain target.
+    discover_interval: float | None = None
+    # On a discovered address: the configured host, sent as Host and as TLS SNI, while
+    # base_url names the address itself.
+    server_name: str | None = None
+    host_header: str | None = None
     cache_tokens: int | None = None  # its prefix-cache size, when configured
     # Identity of the server for health and load state, shared by every route using it and
     # kept across reloads. Computed once: selection and accounting look it up per request.
@@ -66,6 +73,8 @@ class Target:
     def own_headers(self) -> dict[str, str]:
         """What every request to this backend carries: its configured headers and its key."""
         headers = dict(self.headers)
+        if self.host_header:
+            headers["Host"] = self.host_header
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
@@ -147,6 +156,7 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
                 MappingProxyType(dict(endpoint.headers)),
                 1.0,
                 None,
+                endpoint.discover_interval if endpoint.discover else None,
             ),
         )
     return tuple(
@@ -157,7 +167,8 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
             MappingProxyType({**endpoint.headers, **backend.headers}),
             backend.weight,
             backend.max_concurrent,
-            backend.cache_tokens,
+            backend.discover_interval if backend.discover else None,
+            cache_tokens=backend.cache_tokens,
         )
         for backend in endpoint.backends
     )

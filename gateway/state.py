@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -11,10 +12,14 @@ from aiohttp import web
 from gateway.admission import AdmissionControl
 from gateway.backends import Backends
 from gateway.catalog import Catalog
+from gateway.config import env_value
+from gateway.dns_discovery import DnsDiscovery
 from gateway.metrics import Metrics
+from gateway.object_routes import ObjectRoutes
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore
 from gateway.selection import Policies
+from gateway.usagelog import UsageLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +28,16 @@ class Settings:
 
     admin_key: str | None = None
     allow_origins: tuple[str, ...] | None = None  # None: take the config file's
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        origins = env_value(env, "ALLOW_ORIGINS")
+        return cls(
+            admin_key=env_value(env, "GATEWAY_ADMIN_KEY"),
+            allow_origins=None
+            if origins is None
+            else tuple(o.strip() for o in origins.split(",") if o.strip()),
+        )
 
 
 STORE = web.AppKey("store", ConfigStore)
@@ -38,5 +53,9 @@ CATALOG = web.AppKey("catalog", Catalog)
 LIMITER = web.AppKey("limiter", AdmissionControl)
 # When the app was built (epoch seconds): the `created` of every model card.
 STARTED = web.AppKey("started", int)
+USAGE_LOG = web.AppKey("usage_log", UsageLog)
+# Which backend created each Responses API object, for requests that name one.
+OBJECTS = web.AppKey("objects", ObjectRoutes)
 # Replaced Redis clients being closed: held here so their tasks are not collected midway.
 CLOSING = web.AppKey("closing", set)
+DNS = web.AppKey("dns", DnsDiscovery)

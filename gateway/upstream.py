@@ -269,6 +269,8 @@ async def open_response(
             headers=headers,
             timeout=client_timeout,
             allow_redirects=False,
+            # A discovered address is dialled by IP; TLS still names (and verifies) the host.
+            server_hostname=hop.target.server_name,
         )
     except asyncio.CancelledError:
         if guarded and deadline.timed_out():

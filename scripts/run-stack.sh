@@ -53,7 +53,7 @@ cat <<MSG
   Gateway ready: http://127.0.0.1:$GATEWAY_PORT/v1   (worker: http://127.0.0.1:$WORKER_PORT/v1)
   Try:
     curl -s http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
-      -d '{"model": "$PUBLIC_MODEL", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
+      -d '{"model": "$PUBLIC_MODEL", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32, "temperature": 0}'
 MSG
 if [[ $MODEL == demo ]]; then
     echo "  The demo model has random weights: its answers are gibberish, by design."

@@ -14,11 +14,12 @@ from yarl import URL
 
 from gateway.backends import Backends
 from gateway.cache_aware import CacheAwarePolicy
+from gateway.dns_discovery import DnsDiscovery
 from gateway.middleware import record_of
 from gateway.redact import mask
 from gateway.routing import Snapshot, Target
-from gateway.state import BACKENDS, DRAINING, LIMITER, METRICS, POLICIES, SETTINGS, STORE
-from wire.errors import AUTHENTICATION, INVALID_REQUEST, APIError
+from gateway.state import BACKENDS, DNS, DRAINING, LIMITER, METRICS, POLICIES, SETTINGS, STORE
+from wire.errors import APIError
 from wire.headers import bearer_token
 from wire.protocol_errors import expect_continue
 
@@ -30,13 +31,9 @@ def _require_admin(request: web.Request) -> None:
         return
     token = bearer_token(request.headers.get("Authorization")) or ""
     if not hmac.compare_digest(token.encode(), admin_key.encode()):
-        raise APIError(
-            401,
+        raise APIError.unauthorized(
             "This endpoint needs the admin key: 'Authorization: Bearer <GATEWAY_ADMIN_KEY>'.",
-            AUTHENTICATION,
-            None,
-            "invalid_admin_key",
-            headers={"WWW-Authenticate": "Bearer"},
+            code="invalid_admin_key",
         )
 
 
@@ -61,10 +58,11 @@ def _masked_target(target: Target, backends: Backends, now: float) -> dict[str, 
     }
 
 
-def _masked_config(snapshot: Snapshot, backends: Backends) -> dict[str, Any]:
+def _masked_config(snapshot: Snapshot, backends: Backends, dns: DnsDiscovery) -> dict[str, Any]:
     now = time.monotonic()
     endpoints = {}
     for model_id, route in snapshot.routes.items():
+        route = dns.expand(route)  # the addresses serving it now
         endpoints[model_id] = {
             "displayName": route.display_name,
             "strategy": route.strategy,
@@ -109,9 +107,10 @@ async def debug(request: web.Request) -> web.Response:
             "source": snapshot.source,
             "loadedAt": snapshot.loaded_at,
             "lastReload": store.last_reload.as_dict() if store.last_reload else None,
-            "config": _masked_config(snapshot, request.app[BACKENDS]),
+            "config": _masked_config(snapshot, request.app[BACKENDS], request.app[DNS]),
             "limits": request.app[LIMITER].status(),
             "routing": _routing(request.app, snapshot),
+            "discovery": request.app[DNS].status(),
             # Under --workers each process answers for itself: this says which one did.
             "process": {"pid": os.getpid(), "worker": os.environ.get("GATEWAY_WORKER_INDEX")},
         }
@@ -140,8 +139,9 @@ async def ready(request: web.Request) -> web.Response:
     now = time.monotonic()
     models: dict[str, dict[str, str]] = {}
     unavailable = []
+    dns = request.app[DNS]
     for model_id, route in request.app[STORE].current.routes.items():
-        states = {t.label: backends.state(t).health(now) for t in route.targets}
+        states = {t.label: backends.state(t).health(now) for t in dns.expand(route).targets}
         models[model_id] = states
         if all(state == "ejected" for state in states.values()):
             unavailable.append(model_id)
@@ -154,6 +154,8 @@ async def ready(request: web.Request) -> web.Response:
         "unavailable": unavailable,
         "limits": limits,
     }
+    if dns.backends:  # a failed look-up keeps the last good addresses serving: shown, not 503
+        body["discovery"] = dns.status()
     return web.json_response({**body, "models": models}, status=status)
 
 
@@ -162,13 +164,10 @@ async def reload(request: web.Request) -> web.Response:
     _require_admin(request)
     outcome = request.app[STORE].reload("api")
     if not outcome.ok:
-        raise APIError(
-            400,
+        raise APIError.bad_request(
             "The config file is invalid; the previous config keeps serving. "
             + " ".join(f"{request.app[STORE].path}: {line}." for line in outcome.errors),
-            INVALID_REQUEST,
-            None,
-            "invalid_config",
+            code="invalid_config",
         )
     supervisor = os.environ.get("GATEWAY_SUPERVISOR_PID")
     if supervisor:

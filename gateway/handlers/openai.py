@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from dataclasses import replace
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -13,12 +14,15 @@ from gateway.client_keys import Caller, authorize
 from gateway.middleware import record_of
 from gateway.proxy import ClientRequest, ProxiedRequest
 from gateway.request_body import RequestBody
+from gateway.rewrite import loads
 from gateway.routing import Route, Snapshot
 from gateway.state import (
     BACKENDS,
     CATALOG,
+    DNS,
     LIMITER,
     METRICS,
+    OBJECTS,
     POLICIES,
     REDACTOR,
     SESSION,
@@ -26,7 +30,8 @@ from gateway.state import (
     STORE,
 )
 from gateway.upstream import Deadline
-from wire.errors import INVALID_REQUEST, APIError
+from wire.errors import APIError
+from wire.protocol import ModelCard, model_card, model_list
 from wire.protocol_errors import expect_continue
 
 # Endpoint families with a name of their own in metrics; any other path is "passthrough".
@@ -39,17 +44,11 @@ FAMILIES = {
 _USAGE_STREAMS = ("chat/completions", "completions")
 
 
-def _model_card(model_id: str, name: str, created: int) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "gateway",
-        "name": name,
-    }
+def _model_card(model_id: str, name: str, created: int) -> ModelCard:
+    return model_card(model_id, created=created, owned_by="gateway", name=name)
 
 
-def _cards(route: Route, catalog: Catalog, created: int) -> list[dict[str, Any]]:
+def _cards(route: Route, catalog: Catalog, created: int) -> list[ModelCard]:
     """One card per public model, never per replica; a wildcard route lists what its backend
     serves (as last fetched), never the pattern itself."""
     if not route.wildcard:
@@ -78,7 +77,7 @@ async def list_models(request: web.Request) -> web.Response:
         for card in _cards(route, catalog, created)
         if caller is None or caller.may_use(card["id"])
     ]
-    return web.json_response({"object": "list", "data": data})
+    return web.json_response(model_list(data))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -108,22 +107,16 @@ def _unknown_model(model: str, snapshot: Snapshot, caller: Caller | None = None)
     # A key sees only the models it may use, even in this message.
     visible = [m for m in snapshot.routes if caller is None or caller.may_use(m)]
     available = ", ".join(visible) or "(none)"
-    return APIError(
-        404,
+    return APIError.not_found(
         f"The model '{model}' does not exist. Available models: {available}.",
-        INVALID_REQUEST,
-        "model",
-        "model_not_found",
+        code="model_not_found",
+        param="model",
     )
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(
-        413,
-        f"Request body is larger than the gateway's limit of {limit} bytes (maxRequestBytes).",
-        INVALID_REQUEST,
-        None,
-        "request_too_large",
+    return APIError.too_large(
+        f"Request body is larger than the gateway's limit of {limit} bytes (maxRequestBytes)."
     )
 
 
@@ -147,8 +140,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             body += chunk
     except RequestPayloadError as exc:
         # e.g. a body that is not the gzip its Content-Encoding says it is
-        raise APIError(
-            400, f"Could not read the request body: {exc}.", INVALID_REQUEST, None, "invalid_body"
+        raise APIError.bad_request(
+            f"Could not read the request body: {exc}.", code="invalid_body"
         ) from None
 
 
@@ -160,30 +153,85 @@ def _checked_tail(request: web.Request) -> str:
     for segment in tail.split("/"):
         decoded = unquote(segment)
         if decoded in ("", ".", "..") or "/" in decoded or "\\" in decoded:
-            raise APIError(
-                400,
-                f"Invalid request path '{request.path}'.",
-                INVALID_REQUEST,
-                None,
-                "invalid_path",
+            raise APIError.bad_request(
+                f"Invalid request path '{request.path}'.", code="invalid_path"
             )
     return tail
 
 
+def _by_model(
+    request: web.Request, snapshot: Snapshot, caller: Caller | None, raw: bytes
+) -> tuple[Route, RequestBody]:
+    """The route of the body's `model` (404 for one not configured, 403 for one the key may
+    not use)."""
+    body = RequestBody(request.headers.get("Content-Type", ""), raw)
+    record_of(request).model = body.model[:200]  # metrics map unknown ids to "other"
+    route = snapshot.resolve(body.model)
+    if route is None:
+        raise _unknown_model(body.model, snapshot, caller)
+    authorize(caller, body.model)
+    return route, body
+
+
+# Requests that name a Responses API object rather than a model: retrieve, delete, its input
+# items, cancel. (`responses/input_tokens` and the like carry a `model`, and are routed by it.)
+_OBJECT_PATH = re.compile(r"responses/([^/]+)(?:/input_items|/cancel)?")
+
+
+def _object_named(tail: str, raw: bytes) -> str | None:
+    """The id a request names instead of a model: a path above with no `model` in its body."""
+    match = _OBJECT_PATH.fullmatch(tail)
+    if match is None:
+        return None
+    if raw.strip():
+        try:
+            payload = loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None  # the model route's parser explains what is wrong
+        if not isinstance(payload, dict) or "model" in payload:
+            return None
+    return unquote(match.group(1))
+
+
+async def _by_object(
+    request: web.Request, snapshot: Snapshot, caller: Caller | None, object_id: str, raw: bytes
+) -> tuple[Route, RequestBody]:
+    """The route to the one backend that created the object. An id the gateway never saw,
+    another key's, or one whose backend is no longer configured: 404, as OpenAI answers."""
+    entry = await request.app[OBJECTS].recall(object_id)
+    route = None if entry is None else snapshot.resolve(entry.model)
+    if route is not None:  # the object's backend may be a discovered address
+        route = request.app[DNS].expand(route)
+    target = None
+    if entry is not None and route is not None and (caller is None or caller.name == entry.key):
+        target = next((t for t in route.targets if t.key == entry.target), None)
+    if entry is None or route is None or target is None:
+        raise APIError.not_found(
+            f"No response with id '{object_id}' was created through this gateway "
+            "(or it has expired).",
+            code="not_found",
+        )
+    authorize(caller, entry.model)
+    record_of(request).model = entry.model[:200]
+    body = RequestBody.as_sent(request.headers.get("Content-Type", ""), raw, entry.model)
+    return replace(route, targets=(target,)), body
+
+
 async def proxy(request: web.Request) -> web.StreamResponse:
-    """Any model-addressed request: route by `model`, rewrite it, forward, relay the answer."""
+    """Any model-addressed request (or one naming an object the gateway saw created): route
+    it, rewrite the model, forward, relay the answer."""
     record = record_of(request)
     tail = _checked_tail(request)
     record.family = FAMILIES.get(tail, "passthrough")
     snapshot = request.app[STORE].current  # kept for the whole request, whatever reloads
     caller = _caller(request, snapshot)
     raw = await _read_body(request, snapshot.config.max_request_bytes)
-    body = RequestBody(request.headers.get("Content-Type", ""), raw)
-    record.model = body.model[:200]  # metrics map unknown ids to "other"
-    route = snapshot.resolve(body.model)
-    if route is None:
-        raise _unknown_model(body.model, snapshot, caller)
-    authorize(caller, body.model)
+    object_id = _object_named(tail, raw)
+    if object_id is None:
+        route, body = _by_model(request, snapshot, caller, raw)
+        route = request.app[DNS].expand(route)  # discovered backends: their addresses now
+    else:
+        route, body = await _by_object(request, snapshot, caller, object_id, raw)
     record.route_id = route.public_id
     limiter = request.app[LIMITER]
     admission = None if caller is None else await limiter.admit(caller)  # or 429
@@ -205,12 +253,24 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         request.headers,
         body,
         wants_usage=body.wants_usage and tail in _USAGE_STREAMS,
+        creates_objects=request.method == "POST" and tail == "responses",
     )
     proxied = ProxiedRequest(
-        app[SESSION], app[BACKENDS], app[POLICIES], app[REDACTOR], route, client, record, deadline
+        app[SESSION],
+        app[BACKENDS],
+        app[POLICIES],
+        app[REDACTOR],
+        route,
+        client,
+        record,
+        deadline,
+        objects=app[OBJECTS],
     )
     try:
-        return await proxied.serve(request)
+        response = await proxied.serve(request)
+        if object_id is not None and request.method == "DELETE" and response.status < 400:
+            await app[OBJECTS].forget(object_id)
+        return response
     finally:
         deadline.close()  # its timer, if any, goes with the request
         in_flight.dec()

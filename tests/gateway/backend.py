@@ -118,11 +118,12 @@ class FakeBackend:
     received: list[Received] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
+    host: str = "127.0.0.1"  # any 127.0.0.x: several backends can share one port
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     @property
     def last(self) -> Received:
@@ -134,7 +135,7 @@ class FakeBackend:
         # Like a real model server, notice a client that went away.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self

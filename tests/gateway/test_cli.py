@@ -249,3 +249,47 @@ endpoints:
     assert lines[2] == "  -> http://gpu-b:8000/v1 model=llama-b key=sk-...6789"
     assert lines[3].startswith("ollama/*\t'ollama/*' -> http://ollama:11434/v1 model=(as sent")
     assert "sk-shared-0123456789" not in result.stdout
+
+
+@pytest.mark.timeout(60)
+async def test_empty_environment_variables_mean_unset(tmp_path, backend, http) -> None:
+    """Compose's `${ALLOW_ORIGINS:-}` sets every variable it lists, empty when the operator
+    set nothing: the file's allowOrigins must still apply, and empty port, host, workers,
+    config and drain settings must take their defaults, not crash or mean "nothing"."""
+    config_path = tmp_path / "gateway.json"
+    config_path.write_text(
+        json.dumps(
+            {"endpoints": {"one": {"url": backend.url}}, "allowOrigins": ["http://ui.example"]}
+        )
+    )
+    port = free_port()
+    env = {**os.environ, "LOG_FORMAT": "json"}
+    for name in (
+        "ALLOW_ORIGINS",
+        "GATEWAY_ADMIN_KEY",
+        "GATEWAY_CONFIG",
+        "GATEWAY_HOST",
+        "GATEWAY_PORT",
+        "GATEWAY_WORKERS",
+        "GATEWAY_DRAIN_TIMEOUT",
+    ):
+        env[name] = ""
+    command = [sys.executable, "-m", "gateway", "--config", str(config_path)]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(http, url, process)
+        async with http.get(
+            url + "/v1/models", headers={"Origin": "http://ui.example"}
+        ) as response:
+            assert response.status == 200
+            assert response.headers.get("Access-Control-Allow-Origin") == "http://ui.example"
+        # An empty GATEWAY_ADMIN_KEY is no admin key, not a key of "".
+        async with http.get(url + "/debug") as response:
+            assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.communicate, timeout=20)

@@ -80,6 +80,12 @@ def raised_codes() -> dict[str, list[str]]:
                 code = _string(module, value) if name in CODE_PARAMETERS else None
                 if code is not None:
                     found.setdefault(code, []).append(f"{relative}:{node.lineno}")
+            # A constructor's default code is raised by every call that leaves it out
+            # (`APIError.rate_limited(...)` is `rate_limit_exceeded`).
+            for name in CODE_PARAMETERS & (set(signature.parameters) - set(bound.arguments)):
+                default = signature.parameters[name].default
+                if isinstance(default, str):
+                    found.setdefault(default, []).append(f"{relative}:{node.lineno}")
     # The codes of the HTTP errors aiohttp raises (unknown route, method, body size).
     for _type, code in errors._HTTP_ERRORS.values():
         found.setdefault(code, []).append("wire/errors.py:_HTTP_ERRORS")

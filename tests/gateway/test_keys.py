@@ -10,7 +10,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway.state import METRICS
+from gateway.state import METRICS, USAGE_LOG
 from tests.gateway.backend import Received
 
 ALICE = "sk-alice-0123456789abcdef"
@@ -174,6 +174,7 @@ async def test_usage_log_has_a_line_per_request(make_gateway, backend, tmp_path)
     with pytest.raises(openai.PermissionDeniedError):
         await client.chat.completions.create(model="gpt-4o", messages=[])
     await gw.openai(api_key=ALICE).models.list()  # not a model request: no line
+    await asyncio.to_thread(gw.app[USAGE_LOG].wait_written)  # a thread writes the lines
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(e["key"], e["model"], e["status"]) for e in lines] == [
         ("alice", "llama-8b", 200),

@@ -82,3 +82,90 @@ async def test_non_stream_and_other_routes_are_untouched(make_gateway, backend) 
     assert "stream_options" not in backend.last.json()
     await gw.openai().embeddings.create(model="m", input="x")
     assert "stream_options" not in backend.last.json()
+
+
+def _vllm_like(backend) -> None:
+    """Streams as vLLM does: compact JSON; with include_usage, `"usage":null` on every chunk
+    and a last chunk with the counts and no choices; without it, no `usage` key at all."""
+
+    async def handler(request: web.Request, received: Received) -> web.StreamResponse:
+        payload = received.json()
+        with_usage = (payload.get("stream_options") or {}).get("include_usage") is True
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for delta, finish in [
+            ({"role": "assistant", "content": ""}, None),
+            ({"content": "Hi"}, None),
+            ({}, "stop"),
+        ]:
+            event: dict = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 1700000000,
+                "model": payload["model"],
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+            if with_usage:
+                event["usage"] = None
+            await response.write(
+                b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+            )
+        if with_usage:
+            last = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 1700000000,
+                "model": payload["model"],
+                "choices": [],
+                "usage": {"prompt_tokens": 5, "total_tokens": 7, "completion_tokens": 2},
+            }
+            await response.write(
+                b"data: " + json.dumps(last, separators=(",", ":")).encode() + b"\n\n"
+            )
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    backend.handler = handler
+
+
+async def test_a_vllm_stream_is_what_the_client_would_get_without_the_gateway(
+    make_gateway, backend, http
+) -> None:
+    """The usage the gateway asked for leaves no trace: not the last chunk, and not the
+    `"usage":null` vLLM adds to every chunk once asked. Byte for byte, apart from `model`."""
+    _vllm_like(backend)
+    gw = await make_gateway(config(backend))
+    request = {"model": "real", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with http.post(backend.url + "/chat/completions", json=request) as r:
+        direct = await r.read()
+    async with http.post(gw.url + "/v1/chat/completions", json={**request, "model": "m"}) as r:
+        through = await r.read()
+    assert backend.last.json()["stream_options"] == {"include_usage": True}
+    assert b'"usage"' not in direct
+    assert through == direct.replace(b'"model":"real"', b'"model":"m"')
+    text = gw.app[METRICS].render().decode()
+    assert 'gateway_tokens_total{model="m",type="completion"} 2.0' in text
+
+
+async def test_a_spaced_null_usage_is_cut_too(make_gateway, backend, http) -> None:
+    async def handler(request: web.Request, received: Received) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(
+            b'data: {"usage": null, "model": "m", "choices": [{"index": 0, "delta": {}}]}\n\n'
+            b'data: {"model": "m", "choices": [{"index": 0, "delta": {}}], "usage": null}\n\n'
+            b"data: [DONE]\n\n"
+        )
+        return response
+
+    backend.handler = handler
+    gw = await make_gateway({"endpoints": {"m": {"url": backend.url}}})
+    async with http.post(gw.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r:
+        through = await r.read()
+    assert through == (
+        b'data: {"model": "m", "choices": [{"index": 0, "delta": {}}]}\n\n'
+        b'data: {"model": "m", "choices": [{"index": 0, "delta": {}}]}\n\n'
+        b"data: [DONE]\n\n"
+    )

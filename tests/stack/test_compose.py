@@ -189,7 +189,7 @@ def test_image_environment_is_read_by_the_code() -> None:
 
 def test_services_and_targets() -> None:
     services = compose()["services"]
-    assert set(services) == {"worker", "gateway", "open-webui", "prometheus", "redis"}
+    assert set(services) == {"worker", "gateway", "open-webui", "prometheus", "redis", "vllm"}
     stages = dockerfile_stages()
     assert services["worker"]["build"]["target"] == "worker"
     assert services["gateway"]["build"]["target"] == "gateway"
@@ -200,6 +200,7 @@ def test_services_and_targets() -> None:
         assert services[service]["build"]["target"] in stages
     assert services["prometheus"]["profiles"] == ["monitoring"]
     assert services["redis"]["profiles"] == ["redis"]
+    assert services["vllm"]["profiles"] == ["vllm"]
 
 
 def test_gpu_reserved_and_the_cpu_override_drops_it() -> None:
@@ -240,7 +241,13 @@ def test_compose_environment_is_read_by_the_services() -> None:
     config_names = interpolated_names((ROOT / "config/gateway.json").read_text())
     gateway_known = cli_help("gateway") + " ".join(config_names)
     worker_known = cli_help("worker") + " HF_HUB_OFFLINE"  # read by huggingface_hub itself
-    for service, known in (("gateway", gateway_known), ("worker", worker_known)):
+    # vLLM is not installed here: VLLM_API_KEY is vLLM's, HF_TOKEN and HF_HOME huggingface_hub's.
+    vllm_known = "VLLM_API_KEY HF_TOKEN HF_HOME"
+    for service, known in (
+        ("gateway", gateway_known),
+        ("worker", worker_known),
+        ("vllm", vllm_known),
+    ):
         for key in services[service]["environment"]:
             assert key in known, f"{service}: {key} is read by nothing"
 
@@ -284,6 +291,32 @@ def test_redis_profile_is_what_the_gateway_config_points_at() -> None:
     assert config["redisUrl"] == "${REDIS_URL:-}"
 
 
+def test_vllm_profile_is_what_the_gateway_config_points_at() -> None:
+    services = compose()["services"]
+    vllm = services["vllm"]
+    image, tag = vllm["image"].rsplit(":", 1)
+    assert image == "vllm/vllm-openai" and re.match(r"v\d+\.\d+\.\d+$", tag), vllm["image"]
+    gpu = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "vllm-cache:/cache" in vllm["volumes"] and "vllm-cache" in compose()["volumes"]
+    assert vllm["environment"]["HF_HOME"].startswith("/cache/")
+    assert vllm["entrypoint"] == ["vllm", "serve"]
+    command = vllm["command"]
+    port = command[command.index("--port") + 1]
+    assert vllm["expose"] == [port]
+    assert f"http://127.0.0.1:{port}/health" in " ".join(vllm["healthcheck"]["test"])
+    entry = json.loads((ROOT / "config/gateway.json").read_text())["endpoints"]["vllm"]
+    url = URL(entry["url"])
+    assert (url.host, str(url.port)) == ("vllm", port)
+    # The gateway asks for the model under the name vLLM serves it, and sends its key.
+    assert command[command.index("--served-model-name") + 1] == entry["actualModelName"]
+    assert entry["apiKey"] == vllm["environment"]["VLLM_API_KEY"]
+    gateway_env = services["gateway"]["environment"]
+    assert gateway_env["VLLM_MODEL_NAME"] == "${VLLM_MODEL_NAME:-}"
+    assert gateway_env["VLLM_API_KEY"] == "${VLLM_API_KEY:-}"
+    assert vllm.get("shm_size")
+
+
 def test_env_example_documents_every_variable_and_nothing_else() -> None:
     used = set()
     for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
@@ -320,6 +353,9 @@ def test_mounted_config_loads_with_gateway_check() -> None:
     assert result.returncode == 0, result.stderr
     result = check_mounted_config(OPENAI_API_KEY="")
     assert result.returncode == 0 and "ok, 1 model(s)" in result.stdout
+    result = check_mounted_config(OPENAI_API_KEY="", VLLM_MODEL_NAME="qwen2.5-7b")
+    assert result.returncode == 0 and "ok, 2 model(s)" in result.stdout
+    assert "model=qwen2.5-7b" in result.stdout
 
 
 # --- the default model ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ rebuilt: tests/worker/test_smollm2_cache.py, on the same code path with a quick 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -129,6 +130,16 @@ def test_a_factual_question_through_the_gateway(stack) -> None:
     assert answer.model == "smollm2"
     assert "Paris" in answer.choices[0].message.content
     assert answer.choices[0].finish_reason == "stop"  # the model's own <|im_end|>
+
+
+def test_the_readme_curl_line_answers_in_a_sentence(stack) -> None:
+    readme = (ROOT / "README.md").read_text()
+    body = re.search(r"^curl -s \S+/v1/chat/completions .*\n  -d '(.+)'$", readme, re.M)
+    assert body, "the README's chat curl line"
+    request = json.loads(body.group(1))
+    assert request["model"] == "smollm2"
+    answer = stack["client"].chat.completions.create(**request)
+    assert answer.choices[0].message.content == "The capital of France is Paris."
 
 
 def test_requests_without_sampling_get_the_model_card_settings(stack) -> None:

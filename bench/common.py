@@ -1,0 +1,375 @@
+"""What the benchmarks share: the one fake backend, the canned answers it sends, the hold
+result, and the statistics (one `percentile`, one `median`).
+
+The fake backend is a raw asyncio protocol (on uvloop when installed), so that it costs far
+less than any proxy measured in front of it; each bench runs it in a process of its own
+(`<bench>.py --serve-backend PORT`). `POST /v1/chat/completions` answers a 495-byte chat
+completion, or with `"stream": true` `STREAM_EVENTS` SSE events (one send() each) and
+`data: [DONE]`. Request headers shape a stream:
+
+- `X-Bench-Events: N`: N events instead of `STREAM_EVENTS`;
+- `X-Bench-Interval: S`: one event every S seconds (the first at once). Without
+  `X-Bench-Events` such a stream is held, its middle events repeated, until
+  `POST /_release` ends every held stream normally (its last event, then [DONE]).
+
+`POST /_chaos {"mode": M, "seconds": S}` makes it misbehave for S seconds (the soak's chaos):
+`500`/`503` answer that status, `stall` accepts requests and sends nothing for
+`STALL_HOLD` seconds (then 503), `midstream` lets paced streams go silent before their next
+event and aborts them after `STALL_HOLD`, `cut` aborts them there, with no clean end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import signal
+import socket
+import statistics
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+HOST = "127.0.0.1"
+STREAM_EVENTS = 20
+DONE = b"data: [DONE]\n\n"
+EVENTS_HEADER = "X-Bench-Events"
+INTERVAL_HEADER = "X-Bench-Interval"
+STALL_HOLD = 60.0  # how long a stalled backend holds a request before it drops it
+CHAOS_MODES = {"ok", "500", "503", "stall", "midstream", "cut"}
+_COMPACT = (",", ":")
+
+
+# --------------------------------------------------------------------------------------------
+# Canned answers
+# --------------------------------------------------------------------------------------------
+
+
+def completion_body(model: str) -> bytes:
+    """A non-stream chat completion of about 500 bytes naming `model`."""
+    payload = {
+        "id": "chatcmpl-bench-4f1c2a9e8b7d6c5e4f3a2b1c0d9e8f7a",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": model,
+        "system_fingerprint": "fp_bench_0001",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Hello! This is a canned answer from the benchmark's fake backend. "
+                    "It is long enough to look like a short real reply, and the same every time.",
+                    "refusal": None,
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 21, "completion_tokens": 38, "total_tokens": 59},
+    }
+    return json.dumps(payload, separators=_COMPACT).encode()
+
+
+def stream_events(model: str, count: int) -> list[bytes]:
+    """`count` SSE chunk events of about 250 bytes each (the last one finishes, with usage)."""
+    events = []
+    for i in range(count):
+        last = i == count - 1
+        chunk: dict[str, Any] = {
+            "id": "chatcmpl-bench-4f1c2a9e8b7d6c5e4f3a2b1c0d9e8f7a",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": model,
+            "system_fingerprint": "fp_bench_0001",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {} if last else {"content": f" word{i:02d}"},
+                    "logprobs": None,
+                    "finish_reason": "stop" if last else None,
+                }
+            ],
+        }
+        if last:
+            chunk["usage"] = {"prompt_tokens": 21, "completion_tokens": count, "total_tokens": 41}
+        events.append(b"data: " + json.dumps(chunk, separators=_COMPACT).encode() + b"\n\n")
+    return events
+
+
+# --------------------------------------------------------------------------------------------
+# The fake backend
+# --------------------------------------------------------------------------------------------
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"]{1,100})"')
+_STREAM = re.compile(rb'"stream"\s*:\s*true')
+_HEADER_VALUE = re.compile(rb"\s*([0-9.]+)")
+_EVENTS = EVENTS_HEADER.lower().encode() + b":"
+_INTERVAL = INTERVAL_HEADER.lower().encode() + b":"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _json_answer(status: int, payload: Any) -> bytes:
+    body = json.dumps(payload).encode()
+    return b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        status,
+        len(body),
+        body,
+    )
+
+
+def _chaos_error(status: int) -> bytes:
+    message = f"fake backend chaos: {status}"
+    error = {"message": message, "type": "server_error", "param": None, "code": None}
+    return _json_answer(status, {"error": error})
+
+
+class _Answers:
+    """Responses per model, built once: the backend's steady state is a dict lookup and a few
+    writes, so that it stays much cheaper than the proxies in front of it."""
+
+    def __init__(self) -> None:
+        self.plain: dict[bytes, bytes] = {}
+        self.events: dict[tuple[bytes, int], list[bytes]] = {}
+
+    def completion(self, model: bytes) -> bytes:
+        answer = self.plain.get(model)
+        if answer is None:
+            body = completion_body(model.decode())
+            answer = self.plain[model] = (
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        return answer
+
+    def stream(self, model: bytes, count: int) -> list[bytes]:
+        """The head, then each event as one HTTP chunk, then [DONE] and the last chunk."""
+        chunks = self.events.get((model, count))
+        if chunks is None:
+            head = (
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            events = [_chunk(event) for event in stream_events(model.decode(), count)]
+            chunks = self.events[(model, count)] = [head, *events, _chunk(DONE) + b"0\r\n\r\n"]
+        return chunks
+
+
+class _Chaos:
+    mode = "ok"
+    until = 0.0
+
+    @classmethod
+    def now(cls) -> str:
+        return cls.mode if time.monotonic() < cls.until else "ok"
+
+
+class BackendProtocol(asyncio.Protocol):
+    answers = _Answers()
+    held: set[BackendProtocol] = set()  # one backend per process
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.chunks: list[bytes] = []
+        self.sent = 0  # chunks written, the head included
+        self.interval = 0.0
+        self.held_open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, and set TCP_NODELAY.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.held.discard(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while self.transport is not None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buffer[:end]
+            length = _CONTENT_LENGTH.search(head)
+            total = end + 4 + (int(length.group(1)) if length else 0)
+            if len(self.buffer) < total:
+                return
+            body = self.buffer[end + 4 : total]
+            self.buffer = self.buffer[total:]
+            self.respond(head, body)
+
+    def respond(self, head: bytes, body: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        if head.startswith(b"POST /_release "):
+            released = list(self.held)
+            for stream in released:
+                stream.finish()
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (
+                len(str(len(released))), len(released)))  # fmt: skip
+            return
+        if head.startswith(b"POST /_chaos "):
+            transport.write(self.set_chaos(body))
+            return
+        if not head.startswith(b"POST"):
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            return
+        chaos = _Chaos.now()
+        if chaos in ("500", "503"):
+            transport.write(_chaos_error(int(chaos)))
+            return
+        if chaos == "stall":  # accepted, and nothing sent: the gateway must give up on its own
+            self.timer = asyncio.get_running_loop().call_later(
+                STALL_HOLD, transport.write, _chaos_error(503)
+            )
+            return
+        found = _MODEL.search(body)
+        model = found.group(1) if found else b"unknown"
+        if not _STREAM.search(body):
+            transport.write(self.answers.completion(model))
+            return
+        lowered = head.lower()
+        count = int(_header_number(lowered, _EVENTS))
+        chunks = self.answers.stream(model, min(max(count, 1), 10_000) if count else STREAM_EVENTS)
+        interval = min(_header_number(lowered, _INTERVAL), 60.0)
+        if not interval:
+            # As fast as it can, but one send() per event, as a model server flushes each one.
+            for chunk in chunks:
+                transport.write(chunk)
+            return
+        # Paced: the head and the first event now, then one event every `interval` s.
+        self.chunks, self.interval, self.held_open = chunks, interval, not count
+        if self.held_open:
+            self.held.add(self)
+        transport.write(chunks[0])
+        self.sent = 1
+        self.tick()
+
+    def set_chaos(self, body: bytes) -> bytes:
+        try:
+            asked = json.loads(body)
+            mode, seconds = str(asked["mode"]), float(asked.get("seconds", 0))
+        except (ValueError, KeyError, TypeError):
+            mode, seconds = "", 0.0
+        if mode not in CHAOS_MODES:
+            return _json_answer(400, {"error": "unknown mode"})
+        _Chaos.mode, _Chaos.until = mode, time.monotonic() + min(max(seconds, 0.0), 600.0)
+        return _json_answer(200, {"mode": mode})
+
+    def tick(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.held.discard(self)
+            return
+        chaos = _Chaos.now()
+        if chaos == "cut":  # never a clean end: no last chunk
+            transport.abort()
+            return
+        if chaos == "midstream":  # the headers and some events, then silence
+            self.timer = asyncio.get_running_loop().call_later(STALL_HOLD, transport.abort)
+            return
+        chunks = self.chunks
+        if self.held_open:
+            # The middle events over and over: the first and the last are sent once.
+            transport.write(chunks[1 + (self.sent - 1) % (len(chunks) - 3)])
+        else:
+            transport.write(chunks[self.sent])
+            if self.sent == len(chunks) - 2:  # the last event: [DONE] and the end at once
+                transport.write(chunks[-1])
+                return
+        self.sent += 1
+        self.timer = asyncio.get_running_loop().call_later(self.interval, self.tick)
+
+    def finish(self) -> None:
+        self.held.discard(self)
+        self._cancel_timer()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.chunks[-2] + self.chunks[-1])
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def _header_number(head: bytes, name: bytes) -> float:
+    start = head.find(b"\r\n" + name)
+    if start < 0:
+        return 0.0
+    found = _HEADER_VALUE.match(head, start + 2 + len(name))
+    return float(found.group(1)) if found else 0.0
+
+
+async def serve_backend(port: int) -> None:
+    """Serve the fake backend on HOST:port until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(BackendProtocol, HOST, port, backlog=4096, reuse_address=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        print("ready", flush=True)
+        await stop.wait()
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run on uvloop when it is installed (it is, in the repo's venv)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Holding many streams open, and statistics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HoldResult:
+    """Many slow streams held open at once through a proxy, and what that cost it."""
+
+    streams: int
+    completed: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    peak_open: int = 0
+    all_open_after_s: float = math.nan
+    rss_before_kib: int = 0
+    rss_all_open_kib: int = 0
+    rss_held_kib: int = 0  # after the hold with all of them open
+    rss_peak_kib: int = 0
+    rss_after_kib: int = 0
+    proxy_cpu_s: float = 0.0
+    seconds: float = 0.0
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (the smallest value with at least p % of them at or below
+    it); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def median(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
