@@ -319,3 +319,32 @@ async def test_a_replica_without_metrics_still_works(make_gateway, make_backend,
     async with http.get(f"{gw.url}/debug") as r:
         routing = (await r.json())["routing"]["m"]
     assert routing[state_of(gw.app, bare.port).label]["scrapeError"] == "http_404"
+
+
+async def test_when_every_replica_is_saturated_sessions_still_stick(
+    make_gateway, make_backend, http
+) -> None:
+    """The saturation filter cannot tell saturated replicas apart: the index still decides
+    among them, rather than load alone moving every conversation off its cache."""
+    backends = [await make_backend() for _ in range(3)]
+    for b in backends:
+        b.handler = serving_metrics(VLLM.replace("} 4.0", "} 40.0"))
+    gw = await make_gateway(config(*backends, cacheAware={"metricsInterval": 0.05}))
+
+    async def scraped() -> bool:
+        async with http.get(f"{gw.url}/debug") as r:
+            routing = (await r.json())["routing"]["m"]
+        return all(v["signals"] for k, v in routing.items() if k != "sessions")
+
+    deadline = time.monotonic() + 10
+    while not await scraped():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    client = gw.openai()
+    for i in range(9):
+        await client.chat.completions.create(
+            model="m",
+            messages=chat(f"z {i} " * 30, system=f"unrelated {i} " * 30),
+            extra_headers={"X-Session-Id": "kept"},
+        )
+    assert sorted(chats(backends)) == [0, 0, 9]
