@@ -24,6 +24,7 @@ from gateway.object_routes import ObjectRoutes, close_client
 from gateway.redact import Redactor
 from gateway.reload import ConfigStore, ReloadOutcome, run_watcher
 from gateway.routing import Snapshot
+from gateway.scrapes import run_scrapes
 from gateway.selection import Policies
 from gateway.state import (
     BACKENDS,
@@ -132,6 +133,7 @@ def build_app(
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(background(run_health_checks))
     app.cleanup_ctx.append(background(run_discovery))
+    app.cleanup_ctx.append(background(run_scrapes))
     app.cleanup_ctx.append(background(lambda app: run_dns_discovery(dns, backends, store)))
     if metrics.multiprocess:
         app.cleanup_ctx.append(background(_sync_metrics))

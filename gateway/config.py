@@ -65,7 +65,7 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 _RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 
-Strategy = Literal["least-busy", "weighted-round-robin", "priority"]
+Strategy = Literal["least-busy", "weighted-round-robin", "priority", "cache-aware"]
 
 
 def _check_url(value: str) -> str:
@@ -106,6 +106,42 @@ class CircuitBreaker(_Strict):
     cooldown: float = Field(30.0, gt=0)
 
 
+class CacheAware(_Strict):
+    """Settings of the `cache-aware` strategy (see the README's "Cache-aware routing")."""
+
+    # Headers whose value names a conversation; the first one present is used.
+    session_headers: list[str] = Field(
+        default_factory=lambda: ["X-OpenWebUI-Chat-Id", "X-Session-Id"], alias="sessionHeaders"
+    )
+    # Fleet imbalance (as SGLang): max - min load above `balanceAbs` and max above
+    # `balanceRel` x min sends the request to the least loaded backend.
+    balance_abs: float = Field(8.0, ge=0, alias="balanceAbs")
+    balance_rel: float = Field(1.5, ge=1, alias="balanceRel")
+    # Bounded loads: the cache-preferred backend is skipped above
+    # max((1 + epsilon) x mean, mean + margin).
+    epsilon: float = Field(0.25, ge=0)
+    margin: float = Field(2.0, ge=0)
+    # A match shorter than this (estimated tokens) is no reason to prefer a backend.
+    min_match_tokens: int = Field(32, ge=0, alias="minMatchTokens")
+    # Saturation: a backend whose scraped queue or KV usage is over these is left out first.
+    max_waiting: float = Field(8.0, ge=0, alias="maxWaiting")
+    max_kv_usage: float = Field(0.95, gt=0, le=1, alias="maxKvUsage")
+    # The backends' own /metrics, at their origin: how often, where, and when a reading is
+    # too old to trust.
+    metrics_interval: float = Field(0.5, gt=0, alias="metricsInterval")
+    metrics_path: str = Field("/metrics", alias="metricsPath")
+    metrics_stale_after: float = Field(2.0, gt=0, alias="metricsStaleAfter")
+    # Sessions remembered (LRU) per route.
+    max_sessions: int = Field(100_000, ge=1, alias="maxSessions")
+
+    @field_validator("metrics_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+
 class Backend(_Strict):
     """One server of a model. Keys left out take the endpoint's values."""
 
@@ -115,6 +151,9 @@ class Backend(_Strict):
     headers: Headers = Field(default_factory=dict)
     weight: float = Field(1.0, gt=0)
     max_concurrent: int | None = Field(None, ge=1, alias="maxConcurrent")
+    # Its prefix-cache size in tokens, for the cache-aware index; default: read from its
+    # /metrics (vLLM), else DEFAULT_CACHE_TOKENS.
+    cache_tokens: int | None = Field(None, ge=16, alias="cacheTokens")
     # "dns": one backend per address the URL's host resolves to, re-resolved every
     # discoverInterval seconds (gateway/dns_discovery.py).
     discover: Literal["dns"] | None = None
@@ -135,6 +174,7 @@ class Routing(_Strict):
     queue_timeout: float = Field(10.0, ge=0, alias="queueTimeout")
     health_check: HealthCheck = Field(default_factory=HealthCheck, alias="healthCheck")
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, alias="circuitBreaker")
+    cache_aware: CacheAware = Field(default_factory=CacheAware, alias="cacheAware")
 
 
 # Routing settings an endpoint may set for itself; unset ones come from the top level.

@@ -99,6 +99,19 @@ class Metrics:
             ["key", "model", "type"],
             registry=r,
         )
+        self.routing_decisions = Counter(
+            "gateway_routing_decisions_total",
+            "Cache-aware routing decisions by reason: session, prefix, balance or cold.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.routing_matched = Histogram(
+            "gateway_routing_matched_prefix_tokens",
+            "Cache-aware routing: the estimated tokens of the request the chosen backend holds.",
+            ["model"],
+            buckets=(0, 64, 256, 1024, 4096, 16384, 65536),
+            registry=r,
+        )
         self.reloads = Counter(
             "gateway_config_reloads_total",
             "Config reloads by outcome.",

@@ -60,6 +60,10 @@ class RequestRecord:
     # each decision taken (outcome, reason) for gateway_stream_resumes_total.
     seams: list[dict[str, Any]] = field(default_factory=list)
     resumes: list[tuple[str, str]] = field(default_factory=list)
+    # Cache-aware routes: why the backend was chosen (session, prefix, balance, cold) and
+    # how much of the request its cache was thought to hold.
+    routing: str | None = None
+    matched_tokens: int = 0
 
     def fail(self, kind: str) -> None:
         """The backend failed after its response started: the request ends in this error."""
@@ -115,6 +119,15 @@ class Meters:
             child("upstream_errors", model, kind).inc()
         for outcome, reason in record.resumes:
             child("stream_resumes", model, outcome, reason).inc()
+        if record.routing is not None:
+            child("routing_decisions", model, record.routing).inc()
+            child("routing_matched", model).observe(record.matched_tokens)
+        self._count_tokens(record, model, code)
+        return ttft
+
+    def _count_tokens(self, record: RequestRecord, model: str, code: str) -> None:
+        """Tokens by model, and requests and tokens by client key."""
+        child = self._child
         prompt, completion = record.prompt_tokens, record.completion_tokens
         if prompt is not None:
             child("tokens", model, "prompt").inc(prompt)
@@ -127,7 +140,6 @@ class Meters:
                 child("key_tokens", key, model, "prompt").inc(prompt)
             if completion:
                 child("key_tokens", key, model, "completion").inc(completion)
-        return ttft
 
 
 def access_middleware(
@@ -237,6 +249,8 @@ def _finish(request: web.Request, record: RequestRecord, status: int, meters: Me
         "failures": record.failures or None,
         "seams": record.seams or None,
     }
+    if record.routing is not None:
+        fields["routing"] = record.routing
     if handler is None:
         (access_log.debug if quiet else access_log.info)("request", **fields)
         return

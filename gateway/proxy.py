@@ -37,7 +37,7 @@ from gateway.relay import (
 from gateway.request_body import RequestBody
 from gateway.resume import StreamWatch, continued_body, exact_payload, request_refusal
 from gateway.routing import Hop, Route, Target
-from gateway.selection import Policies
+from gateway.selection import Policies, Policy
 from gateway.upstream import (
     BodyReader,
     Deadline,
@@ -116,6 +116,19 @@ class ProxiedRequest:
     excluded: set[str] = field(default_factory=set)
     continued: dict[str, Any] | None = None
     refusal: str | None = None  # why this request's stream could not be resumed, if cut
+    # The route's policy, once it has ordered the backends; and what it decided, for the
+    # policies that remember where requests went (cache-aware).
+    policy: Policy | None = None
+    routing: Any = None
+
+    # What a policy may know of the request (selection.RequestFacts).
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.client.headers
+
+    @property
+    def payload(self) -> dict[str, Any] | None:
+        return self.client.body.payload
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
         """Attempts until a backend answers, then its answer to the client."""
@@ -164,8 +177,13 @@ class ProxiedRequest:
         arrive before the client is answered read ahead, so that a backend failing before
         it can still be retried."""
         ticket = self.backends.begin(target, time.monotonic())
-        hop = self.route.hop(self.client.body.model, target)
         record = self.record
+        if self.policy is not None:  # counted in first, so a burst sees it
+            self.policy.chosen(target, self.backends, self)
+            if self.routing is not None:
+                record.routing = self.routing.reason
+                record.matched_tokens = self.routing.matched_tokens
+        hop = self.route.hop(self.client.body.model, target)
         record.backend = hop.backend_label
         record.upstream_model = hop.upstream_model
         record.attempts += 1
@@ -418,7 +436,8 @@ class ProxiedRequest:
         backends = self.backends
         if len(targets) == 1:  # nothing to order (a policy's order of one is that one)
             return targets[0] if backends.can_take(targets[0], now) else None
-        ordered = self.policies.for_route(self.route).order(targets, backends)
+        policy = self.policy = self.policies.for_route(self.route)
+        ordered = policy.order(targets, backends, self)
         ready = [t for t in ordered if backends.can_take(t, now)]
         fresh = [t for t in ready if t.key not in self.tried]
         return (fresh or ready or [None])[0]

@@ -13,6 +13,7 @@ from yarl import URL
 
 from gateway.client_keys import KeyRing
 from gateway.config import (
+    CacheAware,
     CircuitBreaker,
     Endpoint,
     GatewayConfig,
@@ -51,6 +52,7 @@ class Target:
     host_header: str | None = None
     # It can continue a partial assistant message (vLLM, SGLang, the worker): stream resume.
     resume: bool = False
+    cache_tokens: int | None = None  # its prefix-cache size, when configured
     # Identity of the server for health and load state, shared by every route using it and
     # kept across reloads. Computed once: selection and accounting look it up per request.
     key: str = field(init=False, compare=False, repr=False)
@@ -96,6 +98,7 @@ class Route:
     circuit_breaker: CircuitBreaker
     models_refresh: float
     max_resumes: int = 2
+    cache_aware: CacheAware = field(default_factory=CacheAware)
 
     @property
     def wildcard(self) -> bool:
@@ -170,6 +173,7 @@ def _targets(public_id: str, endpoint: Endpoint) -> tuple[Target, ...]:
             backend.max_concurrent,
             backend.discover_interval if backend.discover else None,
             resume=endpoint.resume if backend.resume is None else backend.resume,
+            cache_tokens=backend.cache_tokens,
         )
         for backend in endpoint.backends
     )
@@ -197,6 +201,7 @@ def build_route(public_id: str, endpoint: Endpoint, config: GatewayConfig) -> Ro
         circuit_breaker=_or(endpoint.circuit_breaker, config.circuit_breaker),
         models_refresh=endpoint.models_refresh,
         max_resumes=endpoint.max_resumes,
+        cache_aware=_or(endpoint.cache_aware, config.cache_aware),
     )
 
 

@@ -8,34 +8,52 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.backends import Backends
+from gateway.cache_aware import CacheAwarePolicy, RequestFacts
 from gateway.routing import Route, Target
 
 
 class Policy(Protocol):
-    def order(self, targets: Sequence[Target], backends: Backends) -> list[Target]:
-        """Every target, best first."""
+    def order(
+        self, targets: Sequence[Target], backends: Backends, request: RequestFacts | None = None
+    ) -> list[Target]:
+        """Every target, best first. `request` is there for the policies that look at it."""
+        ...
+
+    def chosen(self, target: Target, backends: Backends, request: RequestFacts | None) -> None:
+        """The request went to `target` (already counted in): a policy with memory notes it."""
         ...
 
 
-class LeastBusy:
+class _Forgetful:
+    """A policy that needs no word of where a request went."""
+
+    def chosen(self, target: Target, backends: Backends, request: RequestFacts | None) -> None:
+        pass
+
+
+class LeastBusy(_Forgetful):
     """Fewest requests in flight per unit of weight; ties broken at random, so equally idle
     replicas share the load instead of the first one getting everything."""
 
-    def order(self, targets: Sequence[Target], backends: Backends) -> list[Target]:
+    def order(
+        self, targets: Sequence[Target], backends: Backends, request: RequestFacts | None = None
+    ) -> list[Target]:
         return sorted(
             targets,
             key=lambda t: (backends.state(t).in_flight / t.weight, random.random()),
         )
 
 
-class WeightedRoundRobin:
+class WeightedRoundRobin(_Forgetful):
     """Smooth weighted round robin (as nginx does it): weights 5:1:1 give a a b a c a a,
     not a a a a a b c."""
 
     def __init__(self) -> None:
         self._current: dict[str, float] = {}
 
-    def order(self, targets: Sequence[Target], backends: Backends) -> list[Target]:
+    def order(
+        self, targets: Sequence[Target], backends: Backends, request: RequestFacts | None = None
+    ) -> list[Target]:
         total = sum(t.weight for t in targets)
         for t in targets:
             self._current[t.key] = self._current.get(t.key, 0.0) + t.weight
@@ -44,10 +62,12 @@ class WeightedRoundRobin:
         return ranked
 
 
-class Priority:
+class Priority(_Forgetful):
     """In the order configured: the first is the primary, the rest are fallbacks."""
 
-    def order(self, targets: Sequence[Target], backends: Backends) -> list[Target]:
+    def order(
+        self, targets: Sequence[Target], backends: Backends, request: RequestFacts | None = None
+    ) -> list[Target]:
         return list(targets)
 
 
@@ -56,6 +76,7 @@ STRATEGIES: dict[str, Callable[[], Policy]] = {
     "least-busy": LeastBusy,
     "weighted-round-robin": WeightedRoundRobin,
     "priority": Priority,
+    "cache-aware": CacheAwarePolicy,
 }
 
 

@@ -91,11 +91,22 @@ async def _load(state: WorkerState, loader: Loader) -> None:
             state.embedders[extra.name] = extra
         # The engine starts last: on GPU it sizes its KV cache from the memory left free.
         engine = Engine(
-            loaded, settings.max_batch_size, settings.max_queue, settings.kv_cache_tokens
+            loaded,
+            settings.max_batch_size,
+            settings.max_queue,
+            settings.kv_cache_tokens,
+            prefix_caching=settings.prefix_caching,
         )
         state.engine = engine
         await asyncio.to_thread(engine.start)
-        state.metrics.watch(lambda: engine.running, lambda: engine.waiting)
+        state.metrics.watch(
+            lambda: engine.running,
+            lambda: engine.waiting,
+            engine.kv_usage,
+            engine.kv_capacity_tokens,
+            engine.page_size,
+            (lambda: engine.prefix_queries, lambda: engine.prefix_hits),
+        )
         state.status = "ok"
         log.info("worker_ready", model=loaded.served_name)
     except asyncio.CancelledError:

@@ -64,8 +64,14 @@ class Engine:
         max_batch_size: int,
         max_queue: int,
         kv_cache_tokens: int | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         self.loaded = loaded
+        self.prefix_caching = prefix_caching
+        # Prompt tokens looked up in, and found in, the shared prefix blocks (vLLM's
+        # prefix_cache_queries / prefix_cache_hits), counted on the generation thread.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._kv_cache_tokens = kv_cache_tokens
@@ -76,6 +82,7 @@ class Engine:
         self.running = 0
         self.waiting = 0
         self.kv_capacity_tokens = 0
+        self.page_size = 0
 
     # -- lifecycle (blocking; call from a worker thread) -------------------------------
 
@@ -89,7 +96,8 @@ class Engine:
             "use_cuda_graph": False,
             # The issue asks for SDPA, and the embeddings path runs the same module.
             "auto_switch_to_flash": False,
-            "allow_block_sharing": False,
+            # Prefix caching: a new request reuses the KV blocks of an earlier prompt's prefix.
+            "allow_block_sharing": self.prefix_caching,
         }
         kv_tokens = self._kv_cache_tokens
         if on_cpu:
@@ -104,6 +112,7 @@ class Engine:
         if kv_tokens:
             page = cb_kwargs.get("page_size", ContinuousBatchingConfig.page_size)
             cb_kwargs["num_blocks"] = max(1, -(-kv_tokens // page))
+        self.page_size = cb_kwargs.get("page_size", ContinuousBatchingConfig.page_size)
         generation_config = GenerationConfig(
             do_sample=False,  # the sampler picks tokens; the manager's argmax only reads them
             eos_token_id=self.loaded.eos_token_ids or -1,
@@ -120,6 +129,8 @@ class Engine:
         manager.start()
         self._manager = manager
         self._wait_for_cache()
+        if self.prefix_caching:
+            self._count_prefix_hits(manager.batch_processor.cache)
         log.info(
             "engine_started",
             max_batch_size=self.max_batch_size,
@@ -144,6 +155,27 @@ class Engine:
                 kv_cache_tokens=self.kv_capacity_tokens,
             )
             self.loaded.max_model_len = self.kv_capacity_tokens
+
+    def _count_prefix_hits(self, cache: Any) -> None:
+        """transformers counts nothing: wrap the one call its scheduler makes per prompt."""
+        search = cache.search_prefix_match
+
+        def counted(request_id: str, prompt_ids: list[int]) -> int:
+            matched = search(request_id, prompt_ids)
+            self.prefix_queries += len(prompt_ids)
+            self.prefix_hits += matched
+            return matched
+
+        cache.search_prefix_match = counted
+
+    def kv_usage(self) -> float:
+        """The fraction of the KV cache's sectors in use (what vLLM calls kv_cache_usage_perc),
+        read without a lock from the manager's pool: a gauge may be a step behind."""
+        try:
+            pool = self._manager.batch_processor.cache.pool
+            return 1.0 - pool.num_free_sectors / max(1, pool.num_sectors)
+        except AttributeError:  # not started, or stopped
+            return 0.0
 
     def stop(self) -> None:
         # The generation thread is not a daemon: without this the process never exits.

@@ -34,6 +34,28 @@ class Metrics:
         )
         self.running = Gauge("worker_running_requests", "Requests being generated", registry=r)
         self.waiting = Gauge("worker_waiting_requests", "Requests waiting for a slot", registry=r)
+        # Read by the gateway's cache-aware routing, as it reads vLLM's kv_cache_usage_perc
+        # and cache_config_info.
+        self.kv_usage = Gauge(
+            "worker_kv_cache_usage_perc", "Fraction of the KV cache in use (0-1)", registry=r
+        )
+        self.cache_info = Gauge(
+            "worker_cache_config_info",
+            "KV cache size: num_gpu_blocks x block_size tokens",
+            ["block_size", "num_gpu_blocks"],
+            registry=r,
+        )
+        # As vLLM's prefix_cache_queries / _hits (counted in tokens); 0 with prefix caching off.
+        self.prefix_queries = Gauge(
+            "worker_prefix_cache_queries_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            registry=r,
+        )
+        self.prefix_hits = Gauge(
+            "worker_prefix_cache_hits_tokens",
+            "Prompt tokens found in the prefix cache (their prefill skipped)",
+            registry=r,
+        )
         self._spans_dropped: Counter | None = None  # only while tracing is on
 
     def count_dropped_spans(self, reason: str, spans: int) -> None:
@@ -47,9 +69,24 @@ class Metrics:
             )
         self._spans_dropped.labels(reason).inc(spans)
 
-    def watch(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+    def watch(
+        self,
+        running: Callable[[], float],
+        waiting: Callable[[], float],
+        kv_usage: Callable[[], float] | None = None,
+        cache_tokens: int = 0,
+        block_size: int = 0,
+        prefix: tuple[Callable[[], float], Callable[[], float]] | None = None,
+    ) -> None:
         self.running.set_function(running)
         self.waiting.set_function(waiting)
+        if kv_usage is not None:
+            self.kv_usage.set_function(kv_usage)
+        if cache_tokens and block_size:
+            self.cache_info.labels(str(block_size), str(cache_tokens // block_size)).set(1)
+        if prefix is not None:
+            self.prefix_queries.set_function(prefix[0])
+            self.prefix_hits.set_function(prefix[1])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,6 +27,8 @@ class Settings:
     torch_threads: int | None = None  # default: one per core, less one left for the server
     cache_dir: str | None = None  # cache root for built-in models; WORKER_CACHE_DIR
     max_body_bytes: int = 32 * 1024 * 1024
+    # Reuse the KV blocks of earlier prompts' prefixes (transformers' block sharing).
+    prefix_caching: bool = False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-model-name", help="its model id (env EMBEDDING_MODEL_NAME)")
     p.add_argument("--kv-cache-tokens", type=int, help="KV cache capacity (env KV_CACHE_TOKENS)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (env TORCH_THREADS)")
+    p.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        default=None,
+        help="reuse the KV cache of earlier prompts' prefixes (env PREFIX_CACHING=1)",
+    )
     return p
 
 
@@ -110,6 +118,8 @@ def parse_settings(
         kv_cache_tokens=number(args.kv_cache_tokens, "KV_CACHE_TOKENS"),
         torch_threads=number(args.torch_threads, "TORCH_THREADS"),
         cache_dir=env.get("WORKER_CACHE_DIR") or None,
+        prefix_caching=bool(args.prefix_caching)
+        or env.get("PREFIX_CACHING", "").strip().lower() in ("1", "true", "yes", "on"),
     )
 
 

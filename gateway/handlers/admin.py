@@ -13,11 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from yarl import URL
 
 from gateway.backends import Backends
+from gateway.cache_aware import CacheAwarePolicy
 from gateway.dns_discovery import DnsDiscovery
 from gateway.middleware import record_of
 from gateway.redact import mask
 from gateway.routing import Snapshot, Target
-from gateway.state import BACKENDS, DNS, DRAINING, LIMITER, METRICS, SETTINGS, STORE
+from gateway.state import BACKENDS, DNS, DRAINING, LIMITER, METRICS, POLICIES, SETTINGS, STORE
 from wire.errors import APIError
 from wire.headers import bearer_token
 from wire.protocol_errors import expect_continue
@@ -110,12 +111,25 @@ async def debug(request: web.Request) -> web.Response:
             "lastReload": store.last_reload.as_dict() if store.last_reload else None,
             "config": _masked_config(snapshot, request.app[BACKENDS], request.app[DNS]),
             "limits": request.app[LIMITER].status(),
+            "routing": _routing(request.app, snapshot),
             "discovery": request.app[DNS].status(),
             "streamResumes": request.app[METRICS].stream_resume_counts(),
             # Under --workers each process answers for itself: this says which one did.
             "process": {"pid": os.getpid(), "worker": os.environ.get("GATEWAY_WORKER_INDEX")},
         }
     )
+
+
+def _routing(app: web.Application, snapshot: Snapshot) -> dict[str, Any]:
+    """Cache-aware routes, per backend: its index part, in-flight, scraped signals, age."""
+    now = time.monotonic()
+    out: dict[str, Any] = {}
+    for model_id, route in snapshot.routes.items():
+        if route.strategy == "cache-aware":
+            policy = app[POLICIES].for_route(route)
+            assert isinstance(policy, CacheAwarePolicy)
+            out[model_id] = policy.describe(route, app[BACKENDS], now)
+    return out
 
 
 async def ready(request: web.Request) -> web.Response:

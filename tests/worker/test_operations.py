@@ -39,6 +39,14 @@ async def test_health_ping_and_metrics(worker: WorkerProcess, client: openai.Asy
     assert values["worker_prompt_tokens_total"] >= 1
     assert values["worker_time_to_first_token_seconds_count"] >= 1
     assert "worker_running_requests" in values
+    # The load signals the gateway's cache-aware routing reads, as it reads vLLM's.
+    assert 0.0 <= values["worker_kv_cache_usage_perc"] <= 1.0
+    from gateway.load_signals import parse_signals
+
+    signals = parse_signals(metrics, 0.0)
+    assert signals.running == 0.0 and signals.waiting == 0.0
+    assert signals.cache_tokens is not None
+    assert signals.cache_tokens >= health["kv_cache_tokens"]
 
 
 async def test_models_says_the_demo_model_is_random(client: openai.AsyncOpenAI) -> None:

@@ -1,0 +1,530 @@
+"""Routing simulation: fake vLLM replicas behind the real gateway, five policies side by side.
+
+Each replica models what matters to routing: an LRU prefix cache of 16-token blocks with a
+set capacity, prefill time proportional to the uncached tokens, decode time per step that grows
+with the batch, a maximum batch with a queue behind it, and vLLM's metric names on /metrics.
+Time is compressed (a "token" is 4 characters, a prefill token costs microseconds) so that a
+whole run takes a few minutes on two cores. It prints figures; it asserts nothing.
+
+    .venv/bin/python bench/routing_sim.py            # every workload, every policy
+    .venv/bin/python bench/routing_sim.py --quick    # fewer sessions, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_bench import (
+    HOST,
+    Children,
+    free_port,
+    gateway_environment,
+    percentile,
+    run_async,
+    serve_until_signalled,
+    wait_listening,
+)
+
+BLOCK_CHARS = 64  # 16 tokens of 4 characters
+CHARS_PER_TOKEN = 4
+
+# -- the fake replica -----------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaModel:
+    cache_tokens: int = 24_576
+    max_batch: int = 8
+    prefill_s_per_token: float = 100e-6  # 10k tokens/s: a 2k-token prompt costs 200 ms
+    decode_base_s: float = 0.008
+    decode_s_per_seq: float = 0.0015
+    output_tokens: int = 24
+
+
+@dataclass
+class Job:
+    blocks: list[int]
+    prompt_tokens: int
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    first: asyncio.Event = field(default_factory=asyncio.Event)
+    left: int = 0
+
+
+class Replica:
+    """One engine: its cache, its scheduler loop and its counters."""
+
+    def __init__(self, model: ReplicaModel) -> None:
+        self.model = model
+        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.waiting: list[Job] = []
+        self.running: list[Job] = []
+        self.wake = asyncio.Event()
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache.clear()
+        self.stats = {"requests": 0, "prompt_tokens": 0, "hit_tokens": 0, "busy_s": 0.0}
+
+    @staticmethod
+    def blocks(body: dict[str, Any]) -> tuple[list[int], int]:
+        """The engine's view: its own chat template over every message, in 16-token blocks."""
+        text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in body["messages"])
+        hashes, h = [], 0
+        for i in range(0, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS):
+            h = hash((h, text[i : i + BLOCK_CHARS]))
+            hashes.append(h)
+        return hashes, len(text) // CHARS_PER_TOKEN
+
+    def cached(self, blocks: list[int]) -> int:
+        n = 0
+        for b in blocks:
+            if b not in self.cache:
+                break
+            n += 1
+        return n
+
+    def admit(self, job: Job) -> float:
+        """Prefill: the cached blocks are skipped, the rest are computed and cached."""
+        hit = self.cached(job.blocks)
+        for b in job.blocks:
+            if b in self.cache:
+                self.cache.move_to_end(b)
+            else:
+                self.cache[b] = None
+        capacity = self.model.cache_tokens // 16
+        while len(self.cache) > capacity:
+            self.cache.popitem(last=False)
+        hit_tokens = min(job.prompt_tokens, hit * 16)
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += job.prompt_tokens
+        self.stats["hit_tokens"] += hit_tokens
+        return (job.prompt_tokens - hit_tokens) * self.model.prefill_s_per_token
+
+    async def loop(self) -> None:
+        m = self.model
+        while True:
+            if not self.running and not self.waiting:
+                self.wake.clear()
+                await self.wake.wait()
+            step = 0.0
+            admitted = []
+            while self.waiting and len(self.running) < m.max_batch:
+                job = self.waiting.pop(0)
+                step += self.admit(job)
+                job.left = m.output_tokens
+                self.running.append(job)
+                admitted.append(job)
+            step += m.decode_base_s + m.decode_s_per_seq * len(self.running)
+            await asyncio.sleep(step)
+            self.stats["busy_s"] += step
+            for job in admitted:
+                job.first.set()
+            for job in self.running:
+                job.left -= 1
+            for job in [j for j in self.running if j.left <= 0]:
+                self.running.remove(job)
+                job.done.set()
+
+    def kv_usage(self) -> float:
+        return len(self.cache) * 16 / self.model.cache_tokens
+
+
+def replica_app(model: ReplicaModel) -> web.Application:
+    app = web.Application()
+    replica = Replica(model)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        blocks, tokens = Replica.blocks(body)
+        job = Job(blocks, tokens)
+        replica.waiting.append(job)
+        replica.wake.set()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await job.first.wait()
+        chunk = {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "model": body["model"],
+            "choices": [{"index": 0, "delta": {"content": "ok "}, "finish_reason": None}],
+        }
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await job.done.wait()
+        reply = "The answer is " + "x" * (model.output_tokens * CHARS_PER_TOKEN - 14)
+        chunk["choices"] = [{"index": 0, "delta": {"content": reply}, "finish_reason": "stop"}]
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    async def metrics(_: web.Request) -> web.Response:
+        lines = [
+            f'vllm:num_requests_running{{engine="0"}} {len(replica.running)}',
+            f'vllm:num_requests_waiting{{engine="0"}} {len(replica.waiting)}',
+            f'vllm:kv_cache_usage_perc{{engine="0"}} {replica.kv_usage():.4f}',
+            f'vllm:cache_config_info{{block_size="16",num_gpu_blocks="{model.cache_tokens // 16}"}}'
+            " 1.0",
+            f"vllm:prefix_cache_queries_total {replica.stats['prompt_tokens']}",
+            f"vllm:prefix_cache_hits_total {replica.stats['hit_tokens']}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def probe(request: web.Request) -> web.Response:
+        """For the oracle only: how much of this request the cache holds, and the load."""
+        blocks, tokens = Replica.blocks(await request.json())
+        cached = min(tokens, replica.cached(blocks) * 16)
+        load = len(replica.running) + len(replica.waiting)
+        return web.json_response({"cached": cached, "load": load})
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(replica.stats)
+
+    async def reset(_: web.Request) -> web.Response:
+        replica.reset()
+        return web.json_response({})
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "sim", "object": "model"}]})
+
+    async def start_loop(app: web.Application) -> Any:
+        task = asyncio.create_task(replica.loop())
+        yield
+        task.cancel()
+
+    app.cleanup_ctx.append(start_loop)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/probe", probe)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/reset", reset)
+    return app
+
+
+# -- workloads ------------------------------------------------------------------------------
+
+
+def words(rng: random.Random, chars: int) -> str:
+    vocab = ["alpha", "beta", "gamma", "delta", "kv", "cache", "route", "token", "model", "the"]
+    out: list[str] = []
+    n = 0
+    while n < chars:
+        w = rng.choice(vocab) + str(rng.randrange(1000))
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out)[:chars]
+
+
+@dataclass
+class Conversation:
+    """One client's sequence of requests; each turn resends the whole history."""
+
+    start: float
+    turns: list[str]
+    system: str
+    session: str | None
+    think: float
+    history: list[dict[str, str]] = field(default_factory=list)
+
+
+def workload(name: str, scale: float, seed: int) -> list[Conversation]:
+    rng = random.Random(seed)
+    out = []
+    if name == "chats":
+        systems = [words(rng, 2_000) for _ in range(3)]  # ~500 tokens each
+        sessions = int(48 * scale)
+        for i in range(sessions):
+            # Histories grow to 2-6k tokens: what routing keeps or loses is mostly history.
+            turns = [words(rng, rng.randrange(1_500, 3_000)) for _ in range(rng.randrange(4, 9))]
+            session = f"chat-{seed}-{i}" if i % 2 == 0 else None
+            out.append(
+                Conversation(
+                    rng.uniform(0, 10 * scale),
+                    turns,
+                    rng.choice(systems),
+                    session,
+                    rng.uniform(1.0, 3.0),
+                )
+            )
+    elif name == "documents":
+        docs = [words(rng, 28_000) for _ in range(6)]  # ~7k tokens each: 42k > one replica
+        for _ in range(int(160 * scale)):
+            out.append(
+                Conversation(
+                    rng.uniform(0, 10 * scale),
+                    [rng.choice(docs) + "\n\nQuestion: " + words(rng, 200)],
+                    "Answer from the document.",
+                    None,
+                    0.0,
+                )
+            )
+    else:  # no sharing at all
+        for _ in range(int(200 * scale)):
+            out.append(
+                Conversation(
+                    rng.uniform(0, 10 * scale),
+                    [words(rng, rng.randrange(2_000, 6_000))],
+                    words(rng, 400),
+                    None,
+                    0.0,
+                )
+            )
+    return out
+
+
+# -- the client side ------------------------------------------------------------------------
+
+POLICIES = ("random", "round-robin", "least-busy", "cache-aware", "oracle")
+GATEWAY_MODEL = {"round-robin": "sim-rr", "least-busy": "sim-lb", "cache-aware": "sim-ca"}
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+
+async def choose_model(
+    policy: str, http: aiohttp.ClientSession, replicas: list[str], body: dict[str, Any]
+) -> str:
+    if policy in GATEWAY_MODEL:
+        return GATEWAY_MODEL[policy]
+    if policy == "random":
+        return f"sim-{random.randrange(len(replicas))}"
+    # The oracle knows every cache and every queue: the best hit under the same load bound.
+    answers = []
+    for url in replicas:
+        async with http.post(f"{url}/probe", json=body) as r:
+            answers.append(await r.json())
+    loads = [a["load"] for a in answers]
+    mean = sum(loads) / len(loads)
+    bound = max(1.25 * mean, mean + 2)
+    ranked = sorted(
+        range(len(replicas)),
+        key=lambda i: (loads[i] > bound, -answers[i]["cached"], loads[i], random.random()),
+    )
+    return f"sim-{ranked[0]}"
+
+
+async def one_request(
+    http: aiohttp.ClientSession,
+    gateway: str,
+    policy: str,
+    replicas: list[str],
+    conv: Conversation,
+    result: Result,
+) -> None:
+    body: dict[str, Any] = {"model": "", "stream": True, "messages": conv.history}
+    body["model"] = await choose_model(policy, http, replicas, body)
+    headers = {"X-OpenWebUI-Chat-Id": conv.session} if conv.session else {}
+    sent = time.monotonic()
+    first = None
+    reply = ""
+    try:
+        async with http.post(f"{gateway}/v1/chat/completions", json=body, headers=headers) as r:
+            if r.status != 200:
+                result.errors += 1
+                await r.read()
+                return
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    if first is None:
+                        first = time.monotonic()
+                    chunk = json.loads(line[6:])
+                    reply += chunk["choices"][0]["delta"].get("content", "")
+    except aiohttp.ClientError:
+        result.errors += 1
+        return
+    if first is not None:
+        result.ttft.append(first - sent)
+    result.output_tokens += len(reply) // CHARS_PER_TOKEN
+    conv.history.append({"role": "assistant", "content": reply})
+
+
+async def run_conversation(
+    http: aiohttp.ClientSession,
+    gateway: str,
+    policy: str,
+    replicas: list[str],
+    conv: Conversation,
+    t0: float,
+    result: Result,
+) -> None:
+    await asyncio.sleep(max(0.0, t0 + conv.start - time.monotonic()))
+    conv.history = [{"role": "system", "content": conv.system}]
+    for i, turn in enumerate(conv.turns):
+        if i:
+            await asyncio.sleep(conv.think)
+        conv.history.append({"role": "user", "content": turn})
+        await one_request(http, gateway, policy, replicas, conv, result)
+
+
+async def replica_stats(http: aiohttp.ClientSession, replicas: list[str]) -> list[dict]:
+    out = []
+    for url in replicas:
+        async with http.get(f"{url}/stats") as r:
+            out.append(await r.json())
+    return out
+
+
+async def run_one(
+    http: aiohttp.ClientSession,
+    gateway: str,
+    replicas: list[str],
+    policy: str,
+    convs: list[Conversation],
+) -> dict[str, Any]:
+    for url in replicas:
+        async with http.post(f"{url}/reset") as r:
+            await r.read()
+    result = Result()
+    t0 = time.monotonic()
+    await asyncio.gather(
+        *(run_conversation(http, gateway, policy, replicas, c, t0, result) for c in convs)
+    )
+    result.seconds = time.monotonic() - t0
+    stats = await replica_stats(http, replicas)
+    prompt = sum(s["prompt_tokens"] for s in stats)
+    hits = sum(s["hit_tokens"] for s in stats)
+    busy = [s["busy_s"] for s in stats]
+    return {
+        "policy": policy,
+        "hit_tokens": hits,
+        "hit_rate": hits / prompt if prompt else 0.0,
+        "max_mean_load": max(busy) / statistics.mean(busy) if sum(busy) else 0.0,
+        "requests": [s["requests"] for s in stats],
+        "ttft_p50": percentile(result.ttft, 50),
+        "ttft_p90": percentile(result.ttft, 90),
+        "throughput": result.output_tokens / result.seconds,
+        "errors": result.errors,
+    }
+
+
+async def burst(http: aiohttp.ClientSession, gateway: str, replicas: list[str]) -> list[int]:
+    """64 simultaneous first turns sharing one system prompt, through cache-aware."""
+    for url in replicas:
+        async with http.post(f"{url}/reset") as r:
+            await r.read()
+    rng = random.Random(99)
+    system = words(rng, 6_000)
+    convs = [Conversation(0.0, [words(rng, 400)], system, f"burst-{i}", 0.0) for i in range(64)]
+    result = Result()
+    t0 = time.monotonic()
+    await asyncio.gather(
+        *(run_conversation(http, gateway, "cache-aware", replicas, c, t0, result) for c in convs)
+    )
+    return [s["requests"] for s in await replica_stats(http, replicas)]
+
+
+def gateway_config(replicas: list[str]) -> dict[str, Any]:
+    backends = [{"url": f"{url}/v1"} for url in replicas]
+    endpoints: dict[str, Any] = {
+        "sim-rr": {"backends": backends, "strategy": "weighted-round-robin"},
+        "sim-lb": {"backends": backends, "strategy": "least-busy"},
+        "sim-ca": {"backends": backends, "strategy": "cache-aware"},
+    }
+    for i, url in enumerate(replicas):
+        endpoints[f"sim-{i}"] = {"url": f"{url}/v1"}
+    return {"endpoints": endpoints, "retries": 0, "queueTimeout": 60}
+
+
+def print_table(name: str, rows: list[dict[str, Any]]) -> None:
+    oracle = next(r for r in rows if r["policy"] == "oracle")["hit_tokens"] or 1
+    rr = next(r for r in rows if r["policy"] == "round-robin")
+    lb = next(r for r in rows if r["policy"] == "least-busy")
+    print(f"\n## {name}")
+    print(
+        "| policy | hit rate | of oracle's hits | max/mean load | TTFT p50 ms | TTFT p90 ms "
+        "| p90 vs round robin | p90 vs least-busy | tok/s | vs least-busy | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['policy']} | {r['hit_rate']:.1%} | {r['hit_tokens'] / oracle:.0%} "
+            f"| {r['max_mean_load']:.2f} | {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p90'] * 1e3:.0f} "
+            f"| {r['ttft_p90'] / rr['ttft_p90']:.2f}x | {r['ttft_p90'] / lb['ttft_p90']:.2f}x "
+            f"| {r['throughput']:.0f} | {r['throughput'] / lb['throughput']:.2f}x | {r['errors']} |"
+        )
+
+
+async def simulate(args: argparse.Namespace, gateway: str, replicas: list[str]) -> None:
+    timeout = aiohttp.ClientTimeout(total=120)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        for name in args.workloads:
+            rows = []
+            for policy in POLICIES:
+                convs = workload(name, args.scale, seed=zlib.crc32(name.encode()))
+                # Each policy gets its own content, so no policy finds another's cache.
+                salt = f"[{policy}]"
+                for c in convs:
+                    c.system = salt + c.system
+                rows.append(await run_one(http, gateway, replicas, policy, convs))
+                print(f"  {name} / {policy}: done", file=sys.stderr, flush=True)
+            print_table(name, rows)
+        spread = await burst(http, gateway, replicas)
+        share = 64 / len(replicas)
+        print(
+            f"\n## burst: 64 first turns, one system prompt, cache-aware: per replica {spread}, "
+            f"max {max(spread) / share:.2f}x its share"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--scale", type=float, default=1.0, help="sessions and duration")
+    parser.add_argument("--quick", action="store_true", help="--scale 0.3")
+    parser.add_argument(
+        "--workloads", nargs="+", default=["chats", "documents", "unshared"], metavar="NAME"
+    )
+    parser.add_argument("--replica", type=int, help=argparse.SUPPRESS)  # child mode: a port
+    args = parser.parse_args(argv)
+    if args.replica:
+        run_async(serve_until_signalled(replica_app(ReplicaModel()), args.replica))
+        return 0
+    if args.quick:
+        args.scale = 0.3
+    children = Children()
+    try:
+        replicas = []
+        for _ in range(args.replicas):
+            port = free_port()
+            proc = children.start([sys.executable, __file__, "--replica", str(port)])
+            wait_listening(proc, port, "replica", 20)
+            replicas.append(f"http://{HOST}:{port}")
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "gateway.json"
+            config.write_text(json.dumps(gateway_config(replicas)))
+            port = free_port()
+            env = gateway_environment()
+            env["LOG_LEVEL"] = "WARNING"
+            proc = children.start(
+                [sys.executable, "-m", "gateway", "--config", str(config), "--port", str(port)],
+                env=env,
+            )
+            wait_listening(proc, port, "gateway", 30)
+            run_async(simulate(args, f"http://{HOST}:{port}", replicas))
+    finally:
+        children.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
