@@ -49,13 +49,14 @@ def conversation(rng: random.Random, chars: int, system: str) -> list[dict[str, 
     return messages
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chars", type=int, default=32_000)
-    parser.add_argument("--reps", type=int, default=5_000)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(argv)
+SYSTEM = "You are a helpful assistant. " * 40
 
+
+def warmed_policy(
+    chars: int, conversations: int
+) -> tuple[Route, Backends, CacheAwarePolicy, random.Random]:
+    """A cache-aware route over four backends whose index already holds `conversations`
+    conversations of `chars` characters sharing one system prompt, spread by the policy."""
     config = GatewayConfig.model_validate(
         {
             "endpoints": {
@@ -70,13 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     backends = Backends()
     policy = CacheAwarePolicy()
     rng = random.Random(1)
-    system = "You are a helpful assistant. " * 40
-    # The index holds 200 conversations like it, spread over the backends.
-    for _ in range(200):
-        req = Request(route, {"messages": conversation(rng, args.chars, system)}, {})
-        target = policy.order(route.targets, backends, req)[0]
-        policy.chosen(target, backends, req)
-    payload = {"model": "m", "messages": conversation(rng, args.chars, system)}
+    for _ in range(conversations):
+        seen = Request(route, {"messages": conversation(rng, chars, SYSTEM)}, {})
+        policy.chosen(policy.order(route.targets, backends, seen)[0], backends, seen)
+    return route, backends, policy, rng
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chars", type=int, default=32_000)
+    parser.add_argument("--reps", type=int, default=5_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    route, backends, policy, rng = warmed_policy(args.chars, conversations=200)
+    payload = {"model": "m", "messages": conversation(rng, args.chars, SYSTEM)}
     headers = MappingProxyType({"Content-Type": "application/json"})
 
     decide, record = [], []
