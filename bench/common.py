@@ -340,6 +340,27 @@ async def serve_backend(port: int) -> None:
         await stop.wait()
 
 
+async def serve_until_signalled(app: Any, port: int, announce: bool = False) -> None:
+    """Serve the aiohttp `app` on HOST:port until SIGINT or SIGTERM (an aiohttp fake backend's
+    life, for the benches whose backends model more than bytes: routing_sim's replicas)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, port, backlog=2048, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if announce:
+        print("ready", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     """asyncio.run on uvloop when it is installed (it is, in the repo's venv)."""
     try:

@@ -30,16 +30,8 @@ import aiohttp
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_bench import (
-    HOST,
-    Children,
-    free_port,
-    gateway_environment,
-    percentile,
-    run_async,
-    serve_until_signalled,
-    wait_listening,
-)
+from common import HOST, free_port, percentile, run_async, serve_until_signalled
+from gateway_bench import Children, gateway_environment, wait_listening
 
 BLOCK_CHARS = 64  # 16 tokens of 4 characters
 CHARS_PER_TOKEN = 4
