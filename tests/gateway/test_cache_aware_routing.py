@@ -283,11 +283,8 @@ def serving_metrics(text: str | None, gate: Gate | None = None) -> Any:
     return handler
 
 
-async def test_a_saturated_replica_is_filtered_out_first(make_gateway, make_backend, http) -> None:
-    drowning, calm = await make_backend(), await make_backend()
-    drowning.handler = serving_metrics(VLLM.replace("} 4.0", "} 40.0"))  # 40 waiting
-    calm.handler = serving_metrics(VLLM.replace("} 4.0", "} 0.0"))
-    gw = await make_gateway(config(drowning, calm, cacheAware={"metricsInterval": 0.05}))
+async def every_replica_scraped(http: Any, gw: Any) -> None:
+    """Wait until /debug shows scraped signals for every backend of model `m` (10 s at most)."""
 
     async def scraped() -> bool:
         async with http.get(f"{gw.url}/debug") as r:
@@ -298,6 +295,15 @@ async def test_a_saturated_replica_is_filtered_out_first(make_gateway, make_back
     while not await scraped():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_a_saturated_replica_is_filtered_out_first(make_gateway, make_backend, http) -> None:
+    drowning, calm = await make_backend(), await make_backend()
+    drowning.handler = serving_metrics(VLLM.replace("} 4.0", "} 40.0"))  # 40 waiting
+    calm.handler = serving_metrics(VLLM.replace("} 4.0", "} 0.0"))
+    gw = await make_gateway(config(drowning, calm, cacheAware={"metricsInterval": 0.05}))
+
+    await every_replica_scraped(http, gw)
     assert any(r.path == "/metrics" for r in drowning.received)  # at the origin, not /v1
     client = gw.openai()
     for i in range(10):
@@ -331,15 +337,7 @@ async def test_when_every_replica_is_saturated_sessions_still_stick(
         b.handler = serving_metrics(VLLM.replace("} 4.0", "} 40.0"))
     gw = await make_gateway(config(*backends, cacheAware={"metricsInterval": 0.05}))
 
-    async def scraped() -> bool:
-        async with http.get(f"{gw.url}/debug") as r:
-            routing = (await r.json())["routing"]["m"]
-        return all(v["signals"] for k, v in routing.items() if k != "sessions")
-
-    deadline = time.monotonic() + 10
-    while not await scraped():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await every_replica_scraped(http, gw)
     client = gw.openai()
     for i in range(9):
         await client.chat.completions.create(
