@@ -3,12 +3,12 @@ request. The proxy tries them in that order, skipping ones that cannot take it."
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.backends import Backends
 from gateway.cache_aware import CacheAwarePolicy, RequestFacts
+from gateway.recency import Recency
 from gateway.routing import Route, Target
 
 
@@ -31,17 +31,25 @@ class _Forgetful:
         pass
 
 
-class LeastBusy(_Forgetful):
-    """Fewest requests in flight per unit of weight; ties broken at random, so equally idle
-    replicas share the load instead of the first one getting everything."""
+class LeastBusy:
+    """Fewest requests in flight per unit of weight; equally loaded backends go in turn, the
+    one chosen least recently first (see Recency: random ties cost tail latency), so equally
+    idle replicas share the load instead of the first one getting everything."""
+
+    def __init__(self) -> None:
+        self.recency = Recency()
 
     def order(
         self, targets: Sequence[Target], backends: Backends, request: RequestFacts | None = None
     ) -> list[Target]:
+        rank = self.recency.rank
         return sorted(
             targets,
-            key=lambda t: (backends.state(t).in_flight / t.weight, random.random()),
+            key=lambda t: (backends.state(t).in_flight / t.weight, rank(t.key)),
         )
+
+    def chosen(self, target: Target, backends: Backends, request: RequestFacts | None) -> None:
+        self.recency.chosen(target.key)
 
 
 class WeightedRoundRobin(_Forgetful):

@@ -93,6 +93,33 @@ def test_least_busy_breaks_ties_at_random() -> None:
     assert min(counts.values()) > 300, counts
 
 
+@pytest.mark.parametrize("strategy", ["least-busy", "cache-aware"])
+def test_equally_loaded_backends_go_in_turn(strategy: str) -> None:
+    """Equal loads rotate, the least recently chosen first (a backend chosen a moment ago is
+    still prefilling), not at random: every three sequential choices among three idle
+    replicas name each once, whichever one starts."""
+    targets = [target("a"), target("b"), target("c")]
+    backends = Backends()
+    policy = make_policy(strategy)
+    sequence = []
+    for _ in range(30):
+        first = policy.order(targets, backends)[0]
+        policy.chosen(first, backends, None)
+        sequence.append(first.base_url.host)
+    assert all(len(set(sequence[i : i + 3])) == 3 for i in range(28)), sequence
+
+
+def test_the_rotation_follows_where_requests_went() -> None:
+    """The proxy may skip the first of the order (at its maxConcurrent): the one that took
+    the request is the recently chosen one."""
+    a, b, c = targets = [target("a"), target("b"), target("c")]
+    backends = Backends()
+    policy = make_policy("least-busy")
+    for t in (a, b, c, b):
+        policy.chosen(t, backends, None)
+    assert [t.base_url.host for t in policy.order(targets, backends)] == ["a", "c", "b"]
+
+
 def test_least_busy_never_puts_a_busier_backend_first() -> None:
     targets = [target("a"), target("b"), target("c")]
     backends = Backends()
