@@ -32,6 +32,9 @@ class BackendState:
     failures: int = 0
     last_error: str | None = None
     refuses_stream_options: bool = False
+    # Estimated prompt tokens still to prefill there: the uncached part of each of our
+    # requests that has not answered yet (cache-aware routes only; see Backends.prefilling).
+    prefill_tokens: int = 0
 
     def health(self, now: float) -> Health:
         if self.ejected_until == 0.0:
@@ -57,6 +60,7 @@ class Ticket:
 
     state: BackendState
     probe: bool  # sent while the breaker was half-open: its outcome decides
+    prefill: int = 0  # its share of state.prefill_tokens, until it answers
 
 
 @dataclass
@@ -99,10 +103,23 @@ class Backends:
         state.requests += 1
         return Ticket(state, probe)
 
+    def prefilling(self, ticket: Ticket, tokens: int) -> None:
+        """The request's prompt costs about `tokens` of prefill there: a request sent after
+        it waits behind that until it answers (`answered`, or `end` on any other path)."""
+        ticket.prefill = tokens
+        ticket.state.prefill_tokens += tokens
+
+    def answered(self, ticket: Ticket) -> None:
+        """Its first event (or whole body) arrived: its prefill is done."""
+        if ticket.prefill:
+            ticket.state.prefill_tokens -= ticket.prefill
+            ticket.prefill = 0
+
     def end(self, ticket: Ticket) -> None:
         """The request is over. A probe that ended without a verdict (its client went away)
         must not leave the backend waiting for one forever: the next request probes."""
         state = ticket.state
+        self.answered(ticket)
         state.in_flight -= 1
         if ticket.probe:
             state.probing = False

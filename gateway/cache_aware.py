@@ -3,7 +3,6 @@ holds its prefix (or that served its session last), unless that would make a hot
 
 from __future__ import annotations
 
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from gateway.prefix_index import (
     block_hashes,
     request_text,
 )
+from gateway.recency import Recency
 from gateway.routing import Route, Target
 
 Reason = Literal["session", "prefix", "balance", "cold"]
@@ -52,6 +52,15 @@ class Decision:
     matched_tokens: int = 0
     hashes: list[int] = field(default_factory=list)
     session: str | None = None
+    tokens: int = 0  # the request's estimated prompt tokens
+    held: dict[str, int] = field(default_factory=dict)  # blocks each backend holds, by key
+
+    def uncached(self, target: Target) -> int:
+        """The estimated prompt tokens `target` must prefill for this request."""
+        held = self.held.get(target.key)
+        if not held:
+            return self.tokens
+        return max(0, self.tokens - block_chars(held) // CHARS_PER_TOKEN)
 
 
 @dataclass(slots=True)
@@ -82,11 +91,13 @@ class CacheAwarePolicy:
     first, as llm-d does, so one drowning backend does not make the fleet look imbalanced.
     Then the preferred backend is the session's last one, else the longest prefix match.
     The load guard (imbalance as SGLang, bounded loads) may overrule it; no useful match
-    goes to the least loaded, ties at random."""
+    goes to the least loaded. Equal loads go to the backend chosen least recently (Recency),
+    in every step."""
 
     def __init__(self, signals: LoadSignals | None = None) -> None:
         self.signals = signals or LoadSignals()
         self.index = PrefixIndex()
+        self.recency = Recency()
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self._keys: frozenset[str] = frozenset()
 
@@ -103,6 +114,7 @@ class CacheAwarePolicy:
         return decision.order
 
     def chosen(self, target: Target, backends: Backends, request: RequestFacts | None) -> None:
+        self.recency.chosen(target.key)
         decision = None if request is None else request.routing
         if isinstance(decision, Decision):
             self.record(target, decision, backends, request.route.cache_aware, time.monotonic())
@@ -145,17 +157,25 @@ class CacheAwarePolicy:
         payload = request.payload
         text = request_text(payload) if payload is not None else None
         hashes = block_hashes(text, request.route.public_id) if text is not None else []
+        held = {t.key: self._matched(t, hashes) for t in fleet.candidates} if hashes else {}
         session = _session_id(request.headers, settings.session_headers)
-        preferred, matched, reason = self._preferred(fleet, hashes, session, settings)
+        preferred, reason = self._preferred(fleet, held, session, settings)
         if preferred is not None and not self._within_bounds(preferred, fleet, settings):
-            preferred, matched = self._instead(fleet, hashes, settings)
+            preferred = self._instead(fleet, held, settings)
             reason = "balance"
         if preferred is None:
-            preferred, matched = fleet.by_load[0], 0
+            preferred = fleet.by_load[0]
+        tokens = len(text or "") // CHARS_PER_TOKEN
+        decision = Decision([], reason, 0, hashes, session, tokens, held)
+        if settings.prefill_wait:
+            quicker = self._quicker(preferred, fleet, decision, backends, settings)
+            if quicker is not None:
+                preferred, decision.reason = quicker, "balance"
         rest = [t for t in targets if t.key not in fleet.loads]
-        order = [preferred, *(t for t in fleet.by_load if t is not preferred), *rest]
-        matched_tokens = block_chars(matched) // CHARS_PER_TOKEN if matched else 0
-        return Decision(order, reason, matched_tokens, hashes, session)
+        decision.order = [preferred, *(t for t in fleet.by_load if t is not preferred), *rest]
+        matched = held.get(preferred.key, 0)
+        decision.matched_tokens = block_chars(matched) // CHARS_PER_TOKEN if matched else 0
+        return decision
 
     def record(
         self, target: Target, decision: Decision, backends: Backends, settings: Settings, now: float
@@ -187,6 +207,7 @@ class CacheAwarePolicy:
         keys = frozenset(t.key for t in targets)
         if keys != self._keys:
             self.index.retain(keys)
+            self.recency.retain(keys)
             gone = self._keys - keys
             if gone:
                 for session in [s for s, k in self.sessions.items() if k in gone]:
@@ -198,19 +219,50 @@ class CacheAwarePolicy:
         return part.matched(hashes) if part is not None and hashes else 0
 
     def _best_match(
-        self, among: Sequence[Target], hashes: list[int], loads: Mapping[str, float]
-    ) -> tuple[Target | None, int]:
-        """The longest match; equal matches go to the less loaded, then at random."""
+        self, among: Sequence[Target], held: Mapping[str, int], loads: Mapping[str, float]
+    ) -> Target | None:
+        """The longest match; equal matches go to the less loaded, then the least recently
+        chosen."""
         best: Target | None = None
-        best_key = (0, 0.0, 0.0)
+        best_key: tuple[int, float, tuple[int, float]] = (0, 0.0, (0, 0.0))
+        rank = self.recency.rank
         for t in among:
-            matched = self._matched(t, hashes)
+            matched = held.get(t.key)
             if not matched:
                 continue
-            key = (matched, -loads[t.key], random.random())
-            if best is None or key > best_key:
+            key = (-matched, loads[t.key], rank(t.key))  # the smallest is the best
+            if best is None or key < best_key:
                 best, best_key = t, key
-        return best, best_key[0]
+        return best
+
+    def _quicker(
+        self,
+        preferred: Target,
+        fleet: _Fleet,
+        decision: Decision,
+        backends: Backends,
+        settings: Settings,
+    ) -> Target | None:
+        """A backend that would answer sooner than `preferred`, if one would by more than
+        `prefillSlack` tokens: the estimated wait is the prefill queued ahead there (our
+        requests that have not answered yet) plus this request's own uncached prefill, as
+        Dynamo's KV router weighs them. Only backends the guard allows compete."""
+        if fleet.imbalanced(settings):
+            low = fleet.loads[fleet.by_load[0].key]
+            allowed = [t for t in fleet.candidates if fleet.loads[t.key] == low]
+        else:
+            bound = fleet.bound(settings)
+            allowed = [t for t in fleet.candidates if fleet.loads[t.key] <= bound]
+
+        def wait(t: Target) -> int:
+            return backends.state(t).prefill_tokens + decision.uncached(t)
+
+        mine = wait(preferred)
+        best, best_wait = None, mine - settings.prefill_slack
+        for t in allowed:
+            if t is not preferred and wait(t) < best_wait:
+                best, best_wait = t, wait(t)
+        return best
 
     def _within_bounds(self, target: Target, fleet: _Fleet, settings: Settings) -> bool:
         if fleet.imbalanced(settings):
@@ -242,43 +294,45 @@ class CacheAwarePolicy:
         if not candidates:
             return None
         loads = {t.key: self.load(t, backends, settings, now) for t in candidates}
-        by_load = sorted(candidates, key=lambda t: (loads[t.key], random.random()))
+        rank = self.recency.rank
+        by_load = sorted(candidates, key=lambda t: (loads[t.key], rank(t.key)))
         return _Fleet(candidates, loads, by_load)
 
     def _preferred(
-        self, fleet: _Fleet, hashes: list[int], session: str | None, settings: Settings
-    ) -> tuple[Target | None, int, Reason]:
+        self, fleet: _Fleet, held: Mapping[str, int], session: str | None, settings: Settings
+    ) -> tuple[Target | None, Reason]:
         """The session's last backend, else the longest useful prefix match, else none."""
         if session is not None:
             key = self.sessions.get(session)
             target = next((t for t in fleet.candidates if t.key == key), None)
             if target is not None:
-                return target, self._matched(target, hashes), "session"
-        if hashes:
-            target, matched = self._best_match(fleet.candidates, hashes, fleet.loads)
-            if target is not None and block_chars(matched) >= (
+                return target, "session"
+        if held:
+            target = self._best_match(fleet.candidates, held, fleet.loads)
+            if target is not None and block_chars(held[target.key]) >= (
                 settings.min_match_tokens * CHARS_PER_TOKEN
             ):
-                return target, matched, "prefix"
-        return None, 0, "cold"
+                return target, "prefix"
+        return None, "cold"
 
-    def _instead(self, fleet: _Fleet, hashes: list[int], settings: Settings) -> tuple[Target, int]:
+    def _instead(self, fleet: _Fleet, held: Mapping[str, int], settings: Settings) -> Target:
         """The guard overruled the preferred backend: the least loaded when the fleet is out
         of balance, else the backend under the bound that holds the most of the prefix (the
         least loaded of those, or at all, when none holds any)."""
         least = fleet.by_load[0]
         if fleet.imbalanced(settings):
-            return least, self._matched(least, hashes)
+            return least
         bound = fleet.bound(settings)
         under = [t for t in fleet.candidates if fleet.loads[t.key] <= bound]
-        target, matched = self._best_match(under, hashes, fleet.loads)
-        return (target, matched) if target is not None else (least, 0)
+        target = self._best_match(under, held, fleet.loads)
+        return target if target is not None else least
 
     def _by_load(
         self, targets: list[Target], backends: Backends, settings: Settings, now: float
     ) -> list[Target]:
         loads = {t.key: self.load(t, backends, settings, now) for t in targets}
-        return sorted(targets, key=lambda t: (loads[t.key], random.random()))
+        rank = self.recency.rank
+        return sorted(targets, key=lambda t: (loads[t.key], rank(t.key)))
 
     def describe(self, route: Route, backends: Backends, now: float) -> dict[str, object]:
         """For /debug: per backend (by label), its part of the index, its in-flight count,

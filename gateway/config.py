@@ -131,6 +131,11 @@ class CacheAware(_Strict):
     metrics_interval: float = Field(0.5, gt=0, alias="metricsInterval")
     metrics_path: str = Field("/metrics", alias="metricsPath")
     metrics_stale_after: float = Field(2.0, gt=0, alias="metricsStaleAfter")
+    # Prefill wait: the chosen backend gives way to one the guard allows that would answer
+    # sooner by more than `prefillSlack` tokens (the uncached prefill of our requests queued
+    # there that have not answered yet, plus this request's own).
+    prefill_wait: bool = Field(True, alias="prefillWait")
+    prefill_slack: int = Field(512, ge=0, alias="prefillSlack")
     # Sessions remembered (LRU) per route.
     max_sessions: int = Field(100_000, ge=1, alias="maxSessions")
 

@@ -183,6 +183,7 @@ class ProxiedRequest:
             if self.routing is not None:
                 record.routing = self.routing.reason
                 record.matched_tokens = self.routing.matched_tokens
+                self.backends.prefilling(ticket, self.routing.uncached(target))
         hop = self.route.hop(self.client.body.model, target)
         record.backend = hop.backend_label
         record.upstream_model = hop.upstream_model
@@ -198,6 +199,7 @@ class ProxiedRequest:
             if retry is not None:
                 return retry
             head, complete = await prefetch(response, hop, self.deadline)
+            self.backends.answered(ticket)
         except UpstreamError as exc:
             give_up = last or self._out_of_time()
             self._verdict(ticket, response, exc.kind, retry_reason=None if give_up else exc.kind)

@@ -9,9 +9,13 @@ import json
 import time
 from typing import Any
 
+import pytest
 from aiohttp import web
+from yarl import URL
 
+from gateway.backends import Backends
 from gateway.load_signals import LoadSignals, Signals, parse_signals
+from gateway.routing import Target
 from gateway.state import BACKENDS, POLICIES, STORE
 from tests.gateway.backend import FakeBackend, Received, chat_completion
 from tests.gateway.waiting import state_of, until
@@ -142,7 +146,8 @@ async def test_a_burst_of_first_turns_spreads(make_gateway, make_backend) -> Non
     gate.open.set()
     await asyncio.gather(*tasks)
     assert max(counts) <= 1.5 * 64 / 4, counts
-    assert all(s.in_flight == 0 for s in gw.app[BACKENDS].states.values())
+    states = gw.app[BACKENDS].states.values()
+    assert all(s.in_flight == 0 and s.prefill_tokens == 0 for s in states)
 
 
 async def test_the_guard_moves_a_session_off_a_hot_replica(make_gateway, make_backend) -> None:
@@ -167,6 +172,81 @@ async def test_the_guard_moves_a_session_off_a_hot_replica(make_gateway, make_ba
     await asyncio.gather(*tasks)
     # The session's replica takes what the bound allows (mean + margin), the rest move.
     assert max(counts) < 12 and sum(1 for c in counts if c) >= 2, counts
+
+
+class HoldMarked:
+    """A backend handler that answers at once, except the requests carrying `marker`: those
+    it holds (no first byte: still in prefill) until `open` is set."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.open = asyncio.Event()
+        self.held = 0
+
+    async def __call__(self, request: web.Request, received: Received) -> web.StreamResponse:
+        if not request.path.endswith("/chat/completions"):
+            return web.Response(status=404)
+        if self.marker in (await request.text()):
+            self.held += 1
+            await self.open.wait()
+        return web.json_response(chat_completion("m"))
+
+
+@pytest.mark.parametrize("prefill_wait", [True, False])
+async def test_a_turn_avoids_a_replica_busy_with_a_long_prefill(
+    make_gateway, make_backend, http, prefill_wait
+) -> None:
+    """The replica holding a conversation is busy prefilling a long new prompt (sent, not yet
+    answered): the conversation's next turn re-prefills its short history elsewhere rather
+    than wait behind ~10k tokens. With `prefillWait` off it waits there."""
+    backends = [await make_backend() for _ in range(3)]
+    hold = HoldMarked("HOLD-ME")
+    for b in backends:
+        b.handler = hold
+    extra = {} if prefill_wait else {"cacheAware": {"prefillWait": False}}
+    gw = await make_gateway(config(*backends, **extra))
+    client = gw.openai()
+    turns = [f"turn {i}: what does a prefix cache keep? " * 10 for i in range(3)]
+    await client.chat.completions.create(model="m", messages=chat(turns[0]))
+    home = chats(backends).index(1)
+    # The same conversation's prefix with a long new question: it goes home, and waits there.
+    long = asyncio.create_task(
+        client.chat.completions.create(
+            model="m", messages=chat(turns[0], "HOLD-ME " + "a long document " * 2_500)
+        )
+    )
+    await until(lambda: hold.held == 1, what="the long prompt at its replica")
+    assert chats(backends)[home] == 2
+    before = chats(backends)
+    await client.chat.completions.create(model="m", messages=chat(*turns[:2]))
+    moved = [a - b for a, b in zip(chats(backends), before, strict=True)]
+    hold.open.set()
+    await long
+    if prefill_wait:
+        assert moved[home] == 0 and sum(moved) == 1, moved
+        async with http.get(f"{gw.url}/metrics") as r:
+            text = await r.text()
+        assert 'gateway_routing_decisions_total{model="m",reason="balance"} 1.0' in text
+    else:
+        assert moved[home] == 1, moved
+    states = gw.app[BACKENDS].states.values()
+    assert all(s.prefill_tokens == 0 and s.in_flight == 0 for s in states)
+
+
+def test_the_prefill_estimate_is_released_on_every_path() -> None:
+    """Answered (first event) or ended any other way (failure, client gone), once."""
+    backends = Backends()
+    t = Target(URL("http://a:8000/v1"), None, None, {}, 1, None)
+    answered = backends.begin(t, time.monotonic())
+    backends.prefilling(answered, 1_000)
+    failed = backends.begin(t, time.monotonic())
+    backends.prefilling(failed, 500)
+    assert backends.state(t).prefill_tokens == 1_500
+    backends.answered(answered)
+    assert backends.state(t).prefill_tokens == 500
+    backends.end(answered)  # answered already: not released twice
+    backends.end(failed)  # never answered: released with its slot
+    assert backends.state(t).prefill_tokens == 0 and backends.state(t).in_flight == 0
 
 
 async def test_a_resting_replica_is_never_chosen_through_the_index(
@@ -198,7 +278,7 @@ async def test_reload_keeps_the_index_of_unchanged_replicas(
     a, b, c = [await make_backend() for _ in range(3)]
     gw = await make_gateway(config(a, b, c))
     client = gw.openai()
-    for i in range(12):  # nothing shared: they spread at random over the three
+    for i in range(12):  # nothing shared: they go round the three
         messages = chat(f"topic {i} " * 40, system=f"own prompt {i} " * 30)
         await client.chat.completions.create(model="m", messages=messages)
 
