@@ -56,6 +56,9 @@ class Job:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     first: asyncio.Event = field(default_factory=asyncio.Event)
     left: int = 0
+    arrived: float = 0.0  # at the replica
+    uncached: int = 0
+    full: bool = False  # the batch was full when it arrived: it queued for a slot
 
 
 class Replica:
@@ -71,7 +74,15 @@ class Replica:
 
     def reset(self) -> None:
         self.cache.clear()
-        self.stats = {"requests": 0, "prompt_tokens": 0, "hit_tokens": 0, "busy_s": 0.0}
+        # jobs: per request [queued s (arrival to the start of its step), its step's s,
+        # uncached tokens, whether it found the batch full], for the tail table.
+        self.stats = {
+            "requests": 0,
+            "prompt_tokens": 0,
+            "hit_tokens": 0,
+            "busy_s": 0.0,
+            "jobs": [],
+        }
 
     @staticmethod
     def blocks(body: dict[str, Any]) -> tuple[list[int], int]:
@@ -106,6 +117,7 @@ class Replica:
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += job.prompt_tokens
         self.stats["hit_tokens"] += hit_tokens
+        job.uncached = job.prompt_tokens - hit_tokens
         return (job.prompt_tokens - hit_tokens) * self.model.prefill_s_per_token
 
     async def loop(self) -> None:
@@ -115,6 +127,7 @@ class Replica:
                 self.wake.clear()
                 await self.wake.wait()
             step = 0.0
+            began = time.monotonic()
             admitted = []
             while self.waiting and len(self.running) < m.max_batch:
                 job = self.waiting.pop(0)
@@ -127,6 +140,8 @@ class Replica:
             self.stats["busy_s"] += step
             for job in admitted:
                 job.first.set()
+                queued, own = began - job.arrived, time.monotonic() - began
+                self.stats["jobs"].append([queued, own, job.uncached, job.full])
             for job in self.running:
                 job.left -= 1
             for job in [j for j in self.running if j.left <= 0]:
@@ -145,6 +160,8 @@ def replica_app(model: ReplicaModel) -> web.Application:
         body = await request.json()
         blocks, tokens = Replica.blocks(body)
         job = Job(blocks, tokens)
+        job.arrived = time.monotonic()
+        job.full = len(replica.running) >= model.max_batch
         replica.waiting.append(job)
         replica.wake.set()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -280,6 +297,8 @@ def workload(name: str, scale: float, seed: int) -> list[Conversation]:
 
 # -- the client side ------------------------------------------------------------------------
 
+# A request with more uncached tokens than this spends > 250 ms in prefill alone.
+LONG_MISS = 2_500
 POLICIES = ("random", "round-robin", "least-busy", "cache-aware", "oracle")
 GATEWAY_MODEL = {"round-robin": "sim-rr", "least-busy": "sim-lb", "cache-aware": "sim-ca"}
 
@@ -395,6 +414,9 @@ async def run_one(
     prompt = sum(s["prompt_tokens"] for s in stats)
     hits = sum(s["hit_tokens"] for s in stats)
     busy = [s["busy_s"] for s in stats]
+    # Where the tail comes from: the requests around the p90 (replica-side TTFT).
+    jobs = sorted((j for s in stats for j in s["jobs"]), key=lambda j: j[0] + j[1])
+    near_p90 = jobs[int(len(jobs) * 0.85) : int(len(jobs) * 0.95)] or jobs
     return {
         "policy": policy,
         "hit_tokens": hits,
@@ -405,6 +427,12 @@ async def run_one(
         "ttft_p90": percentile(result.ttft, 90),
         "throughput": result.output_tokens / result.seconds,
         "errors": result.errors,
+        "tail_queued": statistics.median(j[0] for j in near_p90) if jobs else 0.0,
+        "tail_step": statistics.median(j[1] for j in near_p90) if jobs else 0.0,
+        "tail_uncached": statistics.median(j[2] for j in near_p90) if jobs else 0,
+        "long_misses": sum(j[2] > LONG_MISS for j in jobs) / max(1, len(jobs)),
+        "found_full": sum(j[3] for j in jobs) / max(1, len(jobs)),
+        "utilisation": statistics.mean(busy) / result.seconds,
     }
 
 
@@ -437,9 +465,11 @@ def gateway_config(replicas: list[str]) -> dict[str, Any]:
 
 
 def print_table(name: str, rows: list[dict[str, Any]]) -> None:
-    oracle = next(r for r in rows if r["policy"] == "oracle")["hit_tokens"] or 1
-    rr = next(r for r in rows if r["policy"] == "round-robin")
-    lb = next(r for r in rows if r["policy"] == "least-busy")
+    # A policy left out (--policies) leaves its ratios out too: the first row stands in.
+    by_name = {r["policy"]: r for r in rows}
+    oracle = by_name.get("oracle", rows[0])["hit_tokens"] or 1
+    rr = by_name.get("round-robin", rows[0])
+    lb = by_name.get("least-busy", rows[0])
     print(f"\n## {name}")
     print(
         "| policy | hit rate | of oracle's hits | max/mean load | TTFT p50 ms | TTFT p90 ms "
@@ -453,6 +483,19 @@ def print_table(name: str, rows: list[dict[str, Any]]) -> None:
             f"| {r['ttft_p90'] / rr['ttft_p90']:.2f}x | {r['ttft_p90'] / lb['ttft_p90']:.2f}x "
             f"| {r['throughput']:.0f} | {r['throughput'] / lb['throughput']:.2f}x | {r['errors']} |"
         )
+    print(
+        f"\nwhere the tail comes from (requests around the p90: median time queued before their "
+        f"step and of the step itself, uncached tokens; requests with > {LONG_MISS:,} uncached "
+        "tokens; requests that found the batch full; mean replica utilisation)"
+    )
+    print("| policy | queued ms | step ms | uncached | long misses | found batch full | busy |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['policy']} | {r['tail_queued'] * 1e3:.0f} | {r['tail_step'] * 1e3:.0f} "
+            f"| {r['tail_uncached']:.0f} | {r['long_misses']:.1%} | {r['found_full']:.1%} "
+            f"| {r['utilisation']:.0%} |"
+        )
 
 
 async def simulate(args: argparse.Namespace, gateway: str, replicas: list[str]) -> None:
@@ -461,7 +504,7 @@ async def simulate(args: argparse.Namespace, gateway: str, replicas: list[str]) 
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
         for name in args.workloads:
             rows = []
-            for policy in POLICIES:
+            for policy in args.policies:
                 convs = workload(name, args.scale, seed=zlib.crc32(name.encode()))
                 # Each policy gets its own content, so no policy finds another's cache.
                 salt = f"[{policy}]"
@@ -485,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="--scale 0.3")
     parser.add_argument(
         "--workloads", nargs="+", default=["chats", "documents", "unshared"], metavar="NAME"
+    )
+    parser.add_argument(
+        "--policies", nargs="+", default=list(POLICIES), choices=POLICIES, metavar="NAME"
     )
     parser.add_argument("--replica", type=int, help=argparse.SUPPRESS)  # child mode: a port
     args = parser.parse_args(argv)
