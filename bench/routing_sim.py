@@ -452,12 +452,12 @@ async def burst(http: aiohttp.ClientSession, gateway: str, replicas: list[str]) 
     return [s["requests"] for s in await replica_stats(http, replicas)]
 
 
-def gateway_config(replicas: list[str]) -> dict[str, Any]:
+def gateway_config(replicas: list[str], cache_aware: dict[str, Any]) -> dict[str, Any]:
     backends = [{"url": f"{url}/v1"} for url in replicas]
     endpoints: dict[str, Any] = {
         "sim-rr": {"backends": backends, "strategy": "weighted-round-robin"},
         "sim-lb": {"backends": backends, "strategy": "least-busy"},
-        "sim-ca": {"backends": backends, "strategy": "cache-aware"},
+        "sim-ca": {"backends": backends, "strategy": "cache-aware", "cacheAware": cache_aware},
     }
     for i, url in enumerate(replicas):
         endpoints[f"sim-{i}"] = {"url": f"{url}/v1"}
@@ -532,6 +532,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--policies", nargs="+", default=list(POLICIES), choices=POLICIES, metavar="NAME"
     )
+    parser.add_argument(
+        "--cache-aware",
+        default="{}",
+        metavar="JSON",
+        help="cache-aware settings to try, e.g. '{\"prefillWait\": false}'",
+    )
     parser.add_argument("--replica", type=int, help=argparse.SUPPRESS)  # child mode: a port
     args = parser.parse_args(argv)
     if args.replica:
@@ -549,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             replicas.append(f"http://{HOST}:{port}")
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "gateway.json"
-            config.write_text(json.dumps(gateway_config(replicas)))
+            config.write_text(json.dumps(gateway_config(replicas, json.loads(args.cache_aware))))
             port = free_port()
             env = gateway_environment()
             env["LOG_LEVEL"] = "WARNING"

@@ -335,8 +335,8 @@ class CacheAwarePolicy:
         return sorted(targets, key=lambda t: (loads[t.key], rank(t.key)))
 
     def describe(self, route: Route, backends: Backends, now: float) -> dict[str, object]:
-        """For /debug: per backend (by label), its part of the index, its in-flight count,
-        and its scraped signals with their age (or why there are none)."""
+        """For /debug: per backend (by label), its part of the index, its in-flight count and
+        queued prefill estimate, and its scraped signals with their age (or why there are none)."""
         out: dict[str, object] = {"sessions": len(self.sessions)}
         for t in route.targets:
             part = self.index.parts.get(t.key)
@@ -346,6 +346,7 @@ class CacheAwarePolicy:
                 "indexTokens": part.tokens if part is not None else 0,
                 "cacheTokens": self._capacity(t),
                 "inFlight": backends.state(t).in_flight,
+                "prefillTokens": backends.state(t).prefill_tokens,
                 "signals": reading.as_dict(now) if reading is not None else None,
                 "stale": self.signals.fresh(t.key, now, route.cache_aware.metrics_stale_after)
                 is None,

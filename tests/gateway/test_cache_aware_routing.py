@@ -217,6 +217,10 @@ async def test_a_turn_avoids_a_replica_busy_with_a_long_prefill(
     )
     await until(lambda: hold.held == 1, what="the long prompt at its replica")
     assert chats(backends)[home] == 2
+    async with http.get(f"{gw.url}/debug") as r:
+        routing = (await r.json())["routing"]["m"]
+    label = state_of(gw.app, backends[home].port).label
+    assert routing[label]["prefillTokens"] > 9_000  # its ~10k uncached tokens, not yet answered
     before = chats(backends)
     await client.chat.completions.create(model="m", messages=chat(*turns[:2]))
     moved = [a - b for a, b in zip(chats(backends), before, strict=True)]
