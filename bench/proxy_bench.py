@@ -1394,24 +1394,44 @@ async def serve_otlp_sink(port: int) -> None:
 
 
 def profile_gateway(
-    bench: Bench, proxy: Proxy, path: Path, progress: Callable[[str], None]
+    bench: Bench,
+    proxy: Proxy,
+    path: Path,
+    progress: Callable[[str], None],
+    paced: bool = False,
 ) -> dict[str, Any] | None:
-    """py-spy on the gateway during one more non-stream run at c=connections. The collapsed
-    stacks it writes (`--format raw`) open in speedscope.app or flamegraph.pl as they are."""
+    """py-spy on the gateway during one more non-stream run at c=connections (or, `paced`,
+    one more paced phase of the longest streams). The collapsed stacks it writes
+    (`--format raw`) open in speedscope.app or flamegraph.pl as they are."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         print("--profile: py-spy not found (.venv/bin/pip install py-spy)", file=sys.stderr)
         return None
     assert proxy.pid is not None
-    seconds = bench.args.duration
-    progress(f"profiling the gateway for {seconds} s (requests c={bench.args.connections})")
+    args = bench.args
+    seconds = args.duration if not paced else math.ceil(args.paced_seconds)
+    events = max(args.paced_events) if args.paced_events else 200
+    load = (
+        f"{args.paced_streams} paced streams of {events} events"
+        if paced
+        else f"requests c={args.connections}"
+    )
+    progress(f"profiling the gateway for {seconds} s ({load})")
     spy = bench.procs.start(
         [py_spy, "record", "--pid", str(proxy.pid), "--duration", str(seconds + 1),
          "--rate", "250", "--format", "raw", "--subprocesses", "--output", str(path)],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     time.sleep(0.5)  # let it attach
-    run = bench.run_wrk(proxy, stream=False, connections=bench.args.connections, seconds=seconds)
+    if paced:
+        paced_run = run_async(
+            paced_streams(proxy, bench.backend_pid, args.paced_streams, events,
+                          args.paced_interval, seconds, 0.0, args.timeout)
+        )  # fmt: skip
+        rate = paced_run.tokens_per_s
+    else:
+        wrk = bench.run_wrk(proxy, stream=False, connections=args.connections, seconds=seconds)
+        rate = wrk.rate
     try:
         _, err = spy.communicate(timeout=seconds + 30)
     except subprocess.TimeoutExpired:
@@ -1449,7 +1469,8 @@ def profile_gateway(
         "seconds": seconds,
         "samples": total,
         "other_thread_samples": other_threads,
-        "rps_while_profiled": run.rate,
+        "load": load,
+        "rps_while_profiled": rate,
         "own_percent": {k: round(v / share, 1) for k, v in own.most_common(15)},
         "inclusive_percent": {k: round(v / share, 1) for k, v in inclusive.most_common(25)},
     }
@@ -1741,12 +1762,14 @@ def print_report(results: dict[str, Any]) -> None:
     print(f"  errors: {sum(errors.values()) or 'none'}")
     for text, count in list(errors.items())[:8]:
         print(f"    {count} x {text}")
-    profile = results.get("profile")
-    if profile:
+    for profile in (results.get("profile"), results.get("profile_paced")):
+        if not profile:
+            continue
         print()
+        unit = "events/s" if "paced" in profile["load"] else "req/s"
         print(
-            f"  py-spy, gateway under requests at c={conns} for {profile['seconds']} s "
-            f"({fmt(profile['rps_while_profiled'], 0)} req/s while sampled); "
+            f"  py-spy, gateway under {profile['load']} for {profile['seconds']} s "
+            f"({fmt(profile['rps_while_profiled'], 0)} {unit} while sampled); "
             f"stacks in {profile['path']}"
         )
         print(
@@ -1754,6 +1777,9 @@ def print_report(results: dict[str, Any]) -> None:
             f"{profile['other_thread_samples']} in other threads left out):"
         )
         for frame, percent in profile["own_percent"].items():
+            print(f"    {percent:5.1f}%  {frame}")
+        print("  inclusive (the stack passes through it):")
+        for frame, percent in profile["inclusive_percent"].items():
             print(f"    {percent:5.1f}%  {frame}")
 
 
@@ -1951,9 +1977,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.tracing_cost:
             results["tracing"] = measure_tracing(bench, workdir, backend_port, proxy_cpus, progress)
         if args.profile:
-            results["profile"] = profile_gateway(
-                bench, proxies["gateway"], Path(args.profile).resolve(), progress
-            )
+            path = Path(args.profile).resolve()
+            if not args.paced_only:
+                results["profile"] = profile_gateway(bench, proxies["gateway"], path, progress)
+            if args.paced_events:
+                results["profile_paced"] = profile_gateway(
+                    bench, proxies["gateway"], path.with_name(path.name + ".paced"), progress,
+                    paced=True,
+                )  # fmt: skip
         results["errors"] = dict(bench.errors.most_common())
         results["meta"] = {
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
