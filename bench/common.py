@@ -343,10 +343,13 @@ def _header_number(head: bytes, name: bytes) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def serve_backend(port: int) -> None:
-    """Serve the fake backend on HOST:port until SIGINT or SIGTERM."""
+async def serve_backend(port: int, reuse_port: bool = False) -> None:
+    """Serve the fake backend on HOST:port until SIGINT or SIGTERM. `reuse_port`: several
+    backend processes share the port (SO_REUSEPORT), when one core cannot feed the load."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(BackendProtocol, HOST, port, backlog=4096, reuse_address=True)
+    server = await loop.create_server(
+        BackendProtocol, HOST, port, backlog=4096, reuse_address=True, reuse_port=reuse_port or None
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -91,7 +91,15 @@ BARE_PROXY = BENCH / "bare_proxy.py"
 TARGETS = ("direct", "nginx", "bare", "gateway")
 # Per-rep ratios printed beside the medians: numerator, denominator. gateway/bare is what the
 # gateway adds to aiohttp; bare/nginx is what aiohttp costs against nginx.
-RATIOS = (("gateway", "bare"), ("bare", "nginx"), ("gateway", "nginx"), ("gateway", "direct"))
+RATIOS = (
+    ("gateway", "bare"),
+    ("bare", "nginx"),
+    ("gateway", "nginx"),
+    ("gateway", "direct"),
+    # --baseline-root: another checkout's gateway in the same run (before/after a change).
+    ("baseline", "bare"),
+    ("gateway", "baseline"),
+)
 MIB = 1024.0
 # Issue #7's targets for the gateway (with access logging and metrics on): at most, except
 # the --workers 2 scaling, at least.
@@ -980,6 +988,7 @@ def start_gateway(
     workers: int | None = None,
     name: str = "gateway",
     extra_env: dict[str, str] | None = None,
+    root: str | None = None,
 ) -> tuple[int, int]:
     # A folder of its own: the gateway watches its config's folder.
     config_dir = workdir / f"{name}-config"
@@ -997,9 +1006,10 @@ def start_gateway(
     if workers is not None:
         argv += ["--workers", str(workers)]
     env = gateway_environment()
-    if GATEWAY_ROOT:
+    root = root or (GATEWAY_ROOT[0] if GATEWAY_ROOT else None)
+    if root:
         # That checkout's gateway and wire packages, not this one's: no cwd on sys.path.
-        env.update(PYTHONSAFEPATH="1", PYTHONPATH=GATEWAY_ROOT[0])
+        env.update(PYTHONSAFEPATH="1", PYTHONPATH=root)
     # Set in the caller's shell, it would put every gateway in multiprocess mode (mmapped
     # metric values): only --multiproc-cost's second gateway runs that way, by `extra_env`.
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -1419,7 +1429,8 @@ def profile_gateway(
     progress(f"profiling the gateway for {seconds} s ({load})")
     spy = bench.procs.start(
         [py_spy, "record", "--pid", str(proxy.pid), "--duration", str(seconds + 1),
-         "--rate", "250", "--format", "raw", "--subprocesses", "--output", str(path)],
+         "--rate", "250", "--nonblocking", "--format", "raw", "--subprocesses",
+         "--output", str(path)],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     time.sleep(0.5)  # let it attach
@@ -1632,7 +1643,7 @@ def print_report(results: dict[str, Any]) -> None:
     targets = meta["targets"]
     held = [name for name in targets if name != "direct"]
     ratios = [f"{t}/{b}" for t, b in RATIOS if t in targets and b in targets]
-    order = " ".join("ABCD"[: len(targets)])
+    order = " ".join("ABCDE"[: len(targets)])
     conns = str(meta["connections"])
     print()
     print(
@@ -1829,6 +1840,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only the paced phases and saturation (no wrk rows, holds or --workers)",
     )
     parser.add_argument(
+        "--baseline-root",
+        metavar="DIR",
+        help="also run, as target `baseline`, the gateway of this checkout (before/after)",
+    )
+    parser.add_argument(
         "--gateway-root",
         metavar="DIR",
         help="run the gateway from this checkout (e.g. `git archive` of another commit)",
@@ -1887,11 +1903,14 @@ def main(argv: list[str] | None = None) -> int:
         run_async(serve_otlp_sink(args.serve_otlp_sink))
         return 0
     wrk, nginx = ensure_tools()
+    for option in ("gateway_root", "baseline_root"):
+        if getattr(args, option):
+            root = Path(getattr(args, option)).resolve()
+            if not (root / "gateway" / "__main__.py").exists():
+                sys.exit(f"proxy_bench: no gateway/__main__.py under {root}")
+            setattr(args, option, str(root))
     if args.gateway_root:
-        root = Path(args.gateway_root).resolve()
-        if not (root / "gateway" / "__main__.py").exists():
-            sys.exit(f"proxy_bench: no gateway/__main__.py under {root}")
-        GATEWAY_ROOT[:] = [str(root)]
+        GATEWAY_ROOT[:] = [args.gateway_root]
     signal.signal(signal.SIGTERM, _raise_exit)
     # Even when started with SIGINT ignored (in the background from a script): Ctrl-C or
     # kill -INT must stop the run and its children.
@@ -1951,6 +1970,14 @@ def main(argv: list[str] | None = None) -> int:
             bare_pid, bare_port = start_bare(procs, workdir, backend_port, proxy_cpus)
             proxies["bare"] = Proxy(
                 "bare", bare_port, bare_pid, UPSTREAM_MODEL, BACKEND_KEY, workdir
+            )
+        if args.baseline_root:
+            base_pid, base_port = start_gateway(
+                procs, workdir, backend_port, workdir / "baseline.log", proxy_cpus,
+                name="baseline", root=args.baseline_root,
+            )  # fmt: skip
+            proxies["baseline"] = Proxy(
+                "baseline", base_port, base_pid, PUBLIC_MODEL, CLIENT_KEY, workdir
             )
         proxies["gateway"] = Proxy(
             "gateway", gateway_port, gateway_pid, PUBLIC_MODEL, CLIENT_KEY, workdir
