@@ -1,6 +1,6 @@
 """Issue #17, item 4: how `--workers N` scales, N = 1, 2, 4, 8 in one run, for a lent machine.
 
-    .venv/bin/python bench/workers_scaling.py                 # 16 cores: about 6 minutes
+    .venv/bin/python bench/workers_scaling.py                 # 16 cores: about 4 minutes
     .venv/bin/python bench/workers_scaling.py --workers 1,2 --seconds 2 --reps 1   # a smoke run
 
 For each N, one gateway `--workers N` (access log and metrics on, as deployed) is started
