@@ -4,7 +4,8 @@ Run from the repository root, as root on Debian (it installs wrk and nginx when 
 
     .venv/bin/python bench/proxy_bench.py [--repeat 3] [--duration 5] [--streams 2000]
                                           [--quick] [--no-bare] [--multiproc-cost] [--tracing-cost]
-                                          [--json] [--profile PATH]
+                                          [--paced-only] [--paced-events 20,200]
+                                          [--baseline-root DIR] [--json] [--profile PATH]
 
 One run starts, on loopback:
 
@@ -17,6 +18,13 @@ One run starts, on loopback:
 - bench/bare_proxy.py, the smallest aiohttp + uvloop reverse proxy (no auth, logs, metrics or
   rewrite): the floor of any proxy written on aiohttp, the gateway's framework;
 - the gateway, `python -m gateway`, with JSON access logs at INFO and metrics, as deployed.
+
+Paced streams (issue #17): `--paced-streams` (256) streams at once whose events the backend
+sends `--paced-interval` (20 ms) apart, each stamped with its send time, streams of each
+`--paced-events` length (20 and 200): the proxy's CPU per event and per stream, each event's
+added latency, the time to first event; then a saturation ramp per proxy (tokens/s when its
+core is full). `--paced-only` runs only those; `--baseline-root DIR` adds another checkout's
+gateway as a fifth target (before/after in one run).
 
 The proxies are pinned to core 0; the backend, wrk and this script's own clients to core 1.
 Four targets: direct (wrk -> backend), nginx, bare and gateway (each -> backend), measured in
