@@ -11,6 +11,10 @@ completion, or with `"stream": true` `STREAM_EVENTS` SSE events (one send() each
 - `X-Bench-Interval: S`: one event every S seconds (the first at once). Without
   `X-Bench-Events` such a stream is held, its middle events repeated, until
   `POST /_release` ends every held stream normally (its last event, then [DONE]).
+- `X-Bench-Stamp: 1` (paced streams): each event's `id` carries, in place of its 32 hex
+  digits, the backend's CLOCK_MONOTONIC in nanoseconds when it was sent (`STAMP_MARK`, then
+  32 decimal digits), so that a client on the same machine reads each event's latency; the
+  events keep their size.
 
 `POST /_chaos {"mode": M, "seconds": S}` makes it misbehave for S seconds (the soak's chaos):
 `500`/`503` answer that status, `stall` accepts requests and sends nothing for
@@ -38,6 +42,11 @@ STREAM_EVENTS = 20
 DONE = b"data: [DONE]\n\n"
 EVENTS_HEADER = "X-Bench-Events"
 INTERVAL_HEADER = "X-Bench-Interval"
+STAMP_HEADER = "X-Bench-Stamp"
+_CHUNK_ID = "chatcmpl-bench-4f1c2a9e8b7d6c5e4f3a2b1c0d9e8f7a"
+# A stamped event's id: this, then the send time (time.monotonic_ns(), 32 digits).
+STAMP_MARK = b'"id":"chatcmpl-bench-'
+_STAMPED = STAMP_MARK + _CHUNK_ID.removeprefix("chatcmpl-bench-").encode()
 STALL_HOLD = 60.0  # how long a stalled backend holds a request before it drops it
 CHAOS_MODES = {"ok", "500", "503", "stall", "midstream", "cut"}
 _COMPACT = (",", ":")
@@ -80,7 +89,7 @@ def stream_events(model: str, count: int) -> list[bytes]:
     for i in range(count):
         last = i == count - 1
         chunk: dict[str, Any] = {
-            "id": "chatcmpl-bench-4f1c2a9e8b7d6c5e4f3a2b1c0d9e8f7a",
+            "id": _CHUNK_ID,
             "object": "chat.completion.chunk",
             "created": 1700000000,
             "model": model,
@@ -110,6 +119,7 @@ _STREAM = re.compile(rb'"stream"\s*:\s*true')
 _HEADER_VALUE = re.compile(rb"\s*([0-9.]+)")
 _EVENTS = EVENTS_HEADER.lower().encode() + b":"
 _INTERVAL = INTERVAL_HEADER.lower().encode() + b":"
+_STAMP = STAMP_HEADER.lower().encode() + b":"
 
 
 def _chunk(data: bytes) -> bytes:
@@ -183,6 +193,7 @@ class BackendProtocol(asyncio.Protocol):
         self.sent = 0  # chunks written, the head included
         self.interval = 0.0
         self.held_open = False
+        self.stamped = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, and set TCP_NODELAY.
@@ -253,6 +264,7 @@ class BackendProtocol(asyncio.Protocol):
             return
         # Paced: the head and the first event now, then one event every `interval` s.
         self.chunks, self.interval, self.held_open = chunks, interval, not count
+        self.stamped = bool(_header_number(lowered, _STAMP))
         if self.held_open:
             self.held.add(self)
         transport.write(chunks[0])
@@ -287,7 +299,10 @@ class BackendProtocol(asyncio.Protocol):
             # The middle events over and over: the first and the last are sent once.
             transport.write(chunks[1 + (self.sent - 1) % (len(chunks) - 3)])
         else:
-            transport.write(chunks[self.sent])
+            chunk = chunks[self.sent]
+            if self.stamped:
+                chunk = chunk.replace(_STAMPED, STAMP_MARK + b"%032d" % time.monotonic_ns(), 1)
+            transport.write(chunk)
             if self.sent == len(chunks) - 2:  # the last event: [DONE] and the end at once
                 transport.write(chunks[-1])
                 return
@@ -328,10 +343,13 @@ def _header_number(head: bytes, name: bytes) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def serve_backend(port: int) -> None:
-    """Serve the fake backend on HOST:port until SIGINT or SIGTERM."""
+async def serve_backend(port: int, reuse_port: bool = False) -> None:
+    """Serve the fake backend on HOST:port until SIGINT or SIGTERM. `reuse_port`: several
+    backend processes share the port (SO_REUSEPORT), when one core cannot feed the load."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(BackendProtocol, HOST, port, backlog=4096, reuse_address=True)
+    server = await loop.create_server(
+        BackendProtocol, HOST, port, backlog=4096, reuse_address=True, reuse_port=reuse_port or None
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

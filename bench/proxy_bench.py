@@ -4,7 +4,8 @@ Run from the repository root, as root on Debian (it installs wrk and nginx when 
 
     .venv/bin/python bench/proxy_bench.py [--repeat 3] [--duration 5] [--streams 2000]
                                           [--quick] [--no-bare] [--multiproc-cost] [--tracing-cost]
-                                          [--json] [--profile PATH]
+                                          [--paced-only] [--paced-events 20,200]
+                                          [--baseline-root DIR] [--json] [--profile PATH]
 
 One run starts, on loopback:
 
@@ -17,6 +18,13 @@ One run starts, on loopback:
 - bench/bare_proxy.py, the smallest aiohttp + uvloop reverse proxy (no auth, logs, metrics or
   rewrite): the floor of any proxy written on aiohttp, the gateway's framework;
 - the gateway, `python -m gateway`, with JSON access logs at INFO and metrics, as deployed.
+
+Paced streams (issue #17): `--paced-streams` (256) streams at once whose events the backend
+sends `--paced-interval` (20 ms) apart, each stamped with its send time, streams of each
+`--paced-events` length (20 and 200): the proxy's CPU per event and per stream, each event's
+added latency, the time to first event; then a saturation ramp per proxy (tokens/s when its
+core is full). `--paced-only` runs only those; `--baseline-root DIR` adds another checkout's
+gateway as a fifth target (before/after in one run).
 
 The proxies are pinned to core 0; the backend, wrk and this script's own clients to core 1.
 Four targets: direct (wrk -> backend), nginx, bare and gateway (each -> backend), measured in
@@ -51,14 +59,17 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from common import (
     DONE,
+    EVENTS_HEADER,
     HOST,
     INTERVAL_HEADER,
+    STAMP_HEADER,
+    STAMP_MARK,
     STREAM_EVENTS,
     HoldResult,
     free_port,
@@ -88,7 +99,15 @@ BARE_PROXY = BENCH / "bare_proxy.py"
 TARGETS = ("direct", "nginx", "bare", "gateway")
 # Per-rep ratios printed beside the medians: numerator, denominator. gateway/bare is what the
 # gateway adds to aiohttp; bare/nginx is what aiohttp costs against nginx.
-RATIOS = (("gateway", "bare"), ("bare", "nginx"), ("gateway", "nginx"), ("gateway", "direct"))
+RATIOS = (
+    ("gateway", "bare"),
+    ("bare", "nginx"),
+    ("gateway", "nginx"),
+    ("gateway", "direct"),
+    # --baseline-root: another checkout's gateway in the same run (before/after a change).
+    ("baseline", "bare"),
+    ("gateway", "baseline"),
+)
 MIB = 1024.0
 # Issue #7's targets for the gateway (with access logging and metrics on): at most, except
 # the --workers 2 scaling, at least.
@@ -101,6 +120,8 @@ GOALS = {
     "scaling": 1.7,
 }
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
+# --gateway-root: the checkout every gateway runs from (empty: this one).
+GATEWAY_ROOT: list[str] = []
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,6 +632,308 @@ async def hold_streams(
 
 
 # --------------------------------------------------------------------------------------------
+# Paced streams: events spaced like tokens, hundreds of streams at once (issue #17)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PacedRun:
+    """One paced phase through one target: what arrived in its measuring window."""
+
+    streams: int  # connections, each one stream after another
+    events_per_stream: int
+    interval: float
+    seconds: float = 0.0  # the window
+    events: int = 0  # events that arrived in the window
+    completed: int = 0  # streams that ended in the window
+    proxy_cpu_s: float = 0.0
+    backend_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    latency_ns: list[int] = field(default_factory=list)  # arrival - backend's send, per event
+    ttfe_ns: list[int] = field(default_factory=list)  # request sent -> first event, per stream
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds else math.nan
+
+    def cpu_us_event(self) -> float:
+        return 1e6 * self.proxy_cpu_s / self.events if self.events else math.nan
+
+    def cpu_us_stream(self) -> float:
+        """CPU per event times the events of a stream: what one whole stream costs, its
+        request and its end included (they fall in the window in proportion)."""
+        return self.cpu_us_event() * self.events_per_stream
+
+    def busy(self) -> float:
+        return self.proxy_cpu_s / self.seconds if self.seconds else math.nan
+
+    def client_core_busy(self) -> float:
+        """The backend's and this client's CPU per wall second: both share one core."""
+        return (self.backend_cpu_s + self.client_cpu_s) / self.seconds if self.seconds else 0.0
+
+    def latency_ms(self, p: float) -> float:
+        return percentile(self.latency_ns, p) / 1e6 if self.latency_ns else math.nan
+
+    def ttfe_ms(self, p: float) -> float:
+        return percentile(self.ttfe_ns, p) / 1e6 if self.ttfe_ns else math.nan
+
+
+_HEAD_END = b"\r\n\r\n"
+_LAST_CHUNK = b"\r\n0\r\n\r\n"
+_STAMP_DIGITS = 32
+_STAMP_SPAN = len(STAMP_MARK) + _STAMP_DIGITS
+
+
+class _PacedClient(asyncio.Protocol):
+    """One keep-alive connection that sends one paced stream after another and times each
+    event against the backend's stamp. A protocol, not streams: at tens of thousands of
+    events a second on the client's core, each read costs a few finds and no copies."""
+
+    def __init__(self, phase: _PacedPhase, delay: float, first_events: int) -> None:
+        self.phase = phase
+        self.delay = delay  # before the first request: streams start spread over an interval
+        # The first stream is shorter, one length per connection: the streams' ends are
+        # spread evenly from the start, as in the steady state, not all at once.
+        self.expected = first_events
+        self.transport: asyncio.Transport | None = None
+        self.pending = b""
+        self.head = True
+        self.done = False
+        self.events = 0
+        self.model_seen = False
+        self.sent_ns = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        asyncio.get_running_loop().call_later(self.delay, self.send)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.phase.stopping:
+            self.phase.error(f"connection lost ({exc!r})"[:120])
+
+    def send(self) -> None:
+        if self.transport is None or self.phase.stopping:
+            return
+        self.pending, self.head, self.done, self.events = b"", True, False, 0
+        self.model_seen = False
+        self.sent_ns = time.monotonic_ns()
+        self.transport.write(self.phase.request(self.expected))
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        phase = self.phase
+        buf = self.pending + data if self.pending else data
+        if self.head:
+            end = buf.find(_HEAD_END)
+            if end == -1:
+                self.pending = buf
+                return
+            if not buf.startswith(b"HTTP/1.1 200"):
+                phase.error(f"bad head: {buf[:40]!r}")
+                self.close()
+                return
+            self.head = False
+            buf = buf[end + 4 :]
+        if not self.model_seen and buf.find(phase.model_mark) != -1:
+            self.model_seen = True
+        find, pos, at, keep = buf.find, 0, -1, -1
+        while (at := find(STAMP_MARK, pos)) != -1:
+            end = at + _STAMP_SPAN
+            if end > len(buf):
+                keep = at  # a stamp cut by the read: kept for the next
+                break
+            stamp = int(buf[end - _STAMP_DIGITS : end])
+            if self.events == 0:
+                phase.first_event(now - self.sent_ns)
+            self.events += 1
+            phase.event(now - stamp)
+            pos = end
+        if not self.done and find(DONE, pos) != -1:
+            self.done = True
+            pos = find(DONE, pos)
+        if self.done:
+            if find(_LAST_CHUNK, pos) != -1 or buf.endswith(b"0\r\n\r\n"):
+                self.finished()
+                return
+            self.pending = buf[pos:]
+            return
+        self.pending = buf[keep:] if keep != -1 else buf[max(pos, len(buf) - _STAMP_SPAN) :]
+
+    def finished(self) -> None:
+        phase = self.phase
+        if self.events != self.expected:
+            phase.error(f"{self.events} events, not {self.expected}")
+        elif not self.model_seen:
+            phase.error("events do not name the model asked for")
+        else:
+            phase.completed()
+        self.expected = phase.events_per_stream
+        self.send()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _PacedPhase:
+    """The streams of one paced run, and what it counts while its window is open."""
+
+    def __init__(self, proxy: Proxy, events: int, interval: float, model: str) -> None:
+        self._proxy = proxy
+        self._interval = interval
+        self._requests: dict[int, bytes] = {}
+        self.events_per_stream = events
+        self.model_mark = f'"model":"{model}"'.encode()
+        self.stopping = False
+        self.counting = False
+        self.run: PacedRun | None = None
+
+    def request(self, events: int) -> bytes:
+        found = self._requests.get(events)
+        if found is None:
+            headers = {
+                EVENTS_HEADER: str(events),
+                INTERVAL_HEADER: f"{self._interval:g}",
+                STAMP_HEADER: "1",
+            }
+            found = self._requests[events] = self._proxy.raw_request(True, headers)
+        return found
+
+    def first_event(self, ns: int) -> None:
+        if self.counting:
+            self.run.ttfe_ns.append(ns)  # type: ignore[union-attr]
+
+    def event(self, ns: int) -> None:
+        if self.counting:
+            run = self.run
+            run.events += 1  # type: ignore[union-attr]
+            run.latency_ns.append(ns)  # type: ignore[union-attr]
+
+    def completed(self) -> None:
+        if self.counting:
+            self.run.completed += 1  # type: ignore[union-attr]
+
+    def error(self, text: str) -> None:
+        if self.run is not None:
+            self.run.errors[text] += 1
+
+
+async def paced_streams(
+    proxy: Proxy,
+    backend_pid: int,
+    streams: int,
+    events: int,
+    interval: float,
+    seconds: float,
+    warmup: float,
+    connect_limit: float,
+) -> PacedRun:
+    """`streams` connections through `proxy`, each sending paced streams of `events` events
+    `interval` s apart one after another; after `warmup` s, a window of `seconds` s counts
+    the events that arrive, their latency and the proxy's CPU."""
+    run = PacedRun(streams, events, interval)
+    phase = _PacedPhase(proxy, events, interval, proxy.model)
+    phase.run = run
+    loop = asyncio.get_running_loop()
+    clients: list[_PacedClient] = []
+    gate = asyncio.Semaphore(64)  # a listen backlog of 128 (aiohttp's) must not overflow
+
+    async def connect(i: int) -> None:
+        client = _PacedClient(phase, interval * i / streams, 1 + i * events // streams)
+        async with gate:
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(connect_limit):
+                    await loop.create_connection(lambda: client, HOST, proxy.port)
+                clients.append(client)
+                return
+        run.errors["connect failed"] += 1
+
+    try:
+        await asyncio.gather(*(connect(i) for i in range(streams)))
+        await asyncio.sleep(warmup + interval)
+        pids = proxy.pids()
+        before = tree_cpu(pids), cpu_seconds(backend_pid), time.process_time()
+        started = time.perf_counter()
+        phase.counting = True
+        await asyncio.sleep(seconds)
+        phase.counting = False
+        run.seconds = time.perf_counter() - started
+        run.proxy_cpu_s = tree_cpu(pids) - before[0]
+        run.backend_cpu_s = cpu_seconds(backend_pid) - before[1]
+        run.client_cpu_s = time.process_time() - before[2]
+    finally:
+        phase.stopping = True
+        for client in clients:
+            client.close()
+    await asyncio.sleep(0.3)  # the proxy sees its connections go before the next phase
+    return run
+
+
+def paced_figures(run: PacedRun) -> dict[str, float]:
+    return {
+        "cpu_us_event": run.cpu_us_event(),
+        "cpu_us_stream": run.cpu_us_stream(),
+        "tokens_per_s": run.tokens_per_s,
+        "busy": run.busy(),
+        "latency_p50_ms": run.latency_ms(50),
+        "latency_p99_ms": run.latency_ms(99),
+        "ttfe_p50_ms": run.ttfe_ms(50),
+        "ttfe_p99_ms": run.ttfe_ms(99),
+        "client_core": run.client_core_busy(),
+        "completed": float(run.completed),
+    }
+
+
+# Saturation: the ramp stops when the proxy's core is this busy, when an event's latency
+# p50 passes LATENCY_BLOWN (events queue in the proxy), or when the client's core is full.
+SATURATED_BUSY = 0.95
+LATENCY_BLOWN_MS = 20.0
+CLIENT_CORE_FULL = 0.92
+
+
+def saturate(
+    bench: Bench,
+    proxy: Proxy,
+    events: int,
+    interval: float,
+    start: int,
+    seconds: float,
+    steps: int,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Ramp the number of paced streams through `proxy` until its one core is full (or the
+    latency blows up, or the client cannot keep up): the tokens/s there. Each step aims at
+    the concurrency that the last one's busy share says would fill the core."""
+    args = bench.args
+    count = start
+    ramp: list[dict[str, float]] = []
+    verdict = "not saturated"
+    for step in range(steps):
+        progress(f"saturation: {proxy.name}, {count} paced streams")
+        run = run_async(
+            paced_streams(proxy, bench.backend_pid, count, events, interval, seconds, 1.0,
+                          args.timeout)
+        )  # fmt: skip
+        bench.errors.update({f"{proxy.name} saturation: {k}": v for k, v in run.errors.items()})
+        figures = {"streams": float(count), **paced_figures(run)}
+        ramp.append(figures)
+        busy = figures["busy"]
+        if busy >= SATURATED_BUSY:
+            verdict = "core full"
+        elif figures["latency_p50_ms"] > LATENCY_BLOWN_MS:
+            verdict = "latency blown"
+        elif figures["client_core"] >= CLIENT_CORE_FULL:
+            verdict = "client-bound"
+        if verdict != "not saturated" or step == steps - 1:
+            break
+        grow = 1.05 / busy if busy > 0 else 4.0
+        count = int(count * min(4.0, max(1.25, grow)))
+    return {"verdict": verdict, "ramp": ramp, **ramp[-1]}
+
+
+# --------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------
 
@@ -673,6 +996,7 @@ def start_gateway(
     workers: int | None = None,
     name: str = "gateway",
     extra_env: dict[str, str] | None = None,
+    root: str | None = None,
 ) -> tuple[int, int]:
     # A folder of its own: the gateway watches its config's folder.
     config_dir = workdir / f"{name}-config"
@@ -690,6 +1014,10 @@ def start_gateway(
     if workers is not None:
         argv += ["--workers", str(workers)]
     env = gateway_environment()
+    root = root or (GATEWAY_ROOT[0] if GATEWAY_ROOT else None)
+    if root:
+        # That checkout's gateway and wire packages, not this one's: no cwd on sys.path.
+        env.update(PYTHONSAFEPATH="1", PYTHONPATH=root)
     # Set in the caller's shell, it would put every gateway in multiprocess mode (mmapped
     # metric values): only --multiproc-cost's second gateway runs that way, by `extra_env`.
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -770,37 +1098,27 @@ def measure(
             bench.run_wrk(proxies[name], stream=stream, connections=args.connections, seconds=1)
     for rep, order in alternating(args.repeat, targets):
         figures: dict[str, dict[str, float]] = {name: {} for name in targets}
-        for name in order:
-            progress(f"rep {rep + 1}/{args.repeat}: {name}, requests c={args.connections}")
-            run = bench.run_wrk(
-                proxies[name], stream=False, connections=args.connections, seconds=args.duration
-            )
-            figures[name].update(
-                rps=run.rate,
-                cpu_us_request=run.proxy_us() if name != "direct" else math.nan,
-                backend_us_request=run.backend_us(),
-                busy_request=run.proxy_cpu_s / run.seconds if name != "direct" else math.nan,
-                wrk_us_request=1e6 * run.wrk_cpu_s / max(run.requests, 1),
-            )
-        for name in order:
-            progress(f"rep {rep + 1}/{args.repeat}: {name}, streams c={args.connections}")
-            run = bench.run_wrk(
-                proxies[name], stream=True, connections=args.connections, seconds=args.duration
-            )
-            figures[name].update(
-                streams_per_s=run.rate,
-                cpu_us_stream=run.proxy_us() if name != "direct" else math.nan,
-                backend_us_stream=run.backend_us(),
-                busy_stream=run.proxy_cpu_s / run.seconds if name != "direct" else math.nan,
-            )
-        for name in order:
-            progress(f"rep {rep + 1}/{args.repeat}: {name}, latency c=1")
-            run = bench.run_wrk(
-                proxies[name], stream=False, connections=1, seconds=args.latency_duration
-            )
-            figures[name].update(p50_ms=run.p50_ms, p99_ms=run.p99_ms)
-            figures[name].update(stream_latency(proxies[name], args.latency_duration, args.timeout))
-        if args.streams:
+        if not args.paced_only:
+            measure_wrk(bench, proxies, rep, order, figures, progress)
+        for events in args.paced_events:
+            for name in order:
+                progress(
+                    f"rep {rep + 1}/{args.repeat}: {name}, {args.paced_streams} paced streams of "
+                    f"{events} events {1e3 * args.paced_interval:g} ms apart"
+                )
+                run = run_async(
+                    paced_streams(
+                        proxies[name], bench.backend_pid, args.paced_streams, events,
+                        args.paced_interval, args.paced_seconds, args.paced_warmup, args.timeout,
+                    )
+                )  # fmt: skip
+                bench.errors.update({f"{name} paced: {k}": v for k, v in run.errors.items()})
+                paced = paced_figures(run)
+                if name == "direct":  # no proxy: no proxy CPU
+                    for key in ("cpu_us_event", "cpu_us_stream", "busy"):
+                        paced[key] = math.nan
+                figures[name].update({f"paced{events}_{k}": v for k, v in paced.items()})
+        if args.streams and not args.paced_only:
             for name in held if rep % 2 == 0 else tuple(reversed(held)):
                 progress(f"rep {rep + 1}/{args.repeat}: {name}, holding {args.streams} streams")
                 hold = run_async(
@@ -817,7 +1135,65 @@ def measure(
                 bench.errors.update({f"{name} hold: {k}": v for k, v in hold.errors.items()})
                 holds[name].append(hold)
         per_rep.append(figures)
-    return {"targets": targets, "per_rep": per_rep, "holds": holds}
+    saturation: dict[str, Any] = {}
+    if args.saturation_steps:
+        events = max(args.paced_events) if args.paced_events else 200
+        for name in held:
+            saturation[name] = saturate(
+                bench, proxies[name], events, args.paced_interval, args.paced_streams,
+                args.paced_seconds, args.saturation_steps, progress,
+            )  # fmt: skip
+    return {
+        "targets": targets,
+        "per_rep": per_rep,
+        "holds": holds,
+        "paced_events": list(args.paced_events),
+        "paced_streams": args.paced_streams,
+        "paced_interval": args.paced_interval,
+        "saturation": saturation,
+    }
+
+
+def measure_wrk(
+    bench: Bench,
+    proxies: dict[str, Proxy],
+    rep: int,
+    order: tuple[str, ...],
+    figures: dict[str, dict[str, float]],
+    progress: Callable[[str], None],
+) -> None:
+    """One rep's wrk rows (requests and back-to-back streams at c=connections, c=1 latency)."""
+    args = bench.args
+    for name in order:
+        progress(f"rep {rep + 1}/{args.repeat}: {name}, requests c={args.connections}")
+        run = bench.run_wrk(
+            proxies[name], stream=False, connections=args.connections, seconds=args.duration
+        )
+        figures[name].update(
+            rps=run.rate,
+            cpu_us_request=run.proxy_us() if name != "direct" else math.nan,
+            backend_us_request=run.backend_us(),
+            busy_request=run.proxy_cpu_s / run.seconds if name != "direct" else math.nan,
+            wrk_us_request=1e6 * run.wrk_cpu_s / max(run.requests, 1),
+        )
+    for name in order:
+        progress(f"rep {rep + 1}/{args.repeat}: {name}, streams c={args.connections}")
+        run = bench.run_wrk(
+            proxies[name], stream=True, connections=args.connections, seconds=args.duration
+        )
+        figures[name].update(
+            streams_per_s=run.rate,
+            cpu_us_stream=run.proxy_us() if name != "direct" else math.nan,
+            backend_us_stream=run.backend_us(),
+            busy_stream=run.proxy_cpu_s / run.seconds if name != "direct" else math.nan,
+        )
+    for name in order:
+        progress(f"rep {rep + 1}/{args.repeat}: {name}, latency c=1")
+        run = bench.run_wrk(
+            proxies[name], stream=False, connections=1, seconds=args.latency_duration
+        )
+        figures[name].update(p50_ms=run.p50_ms, p99_ms=run.p99_ms)
+        figures[name].update(stream_latency(proxies[name], args.latency_duration, args.timeout))
 
 
 def measure_workers(
@@ -1036,24 +1412,45 @@ async def serve_otlp_sink(port: int) -> None:
 
 
 def profile_gateway(
-    bench: Bench, proxy: Proxy, path: Path, progress: Callable[[str], None]
+    bench: Bench,
+    proxy: Proxy,
+    path: Path,
+    progress: Callable[[str], None],
+    paced: bool = False,
 ) -> dict[str, Any] | None:
-    """py-spy on the gateway during one more non-stream run at c=connections. The collapsed
-    stacks it writes (`--format raw`) open in speedscope.app or flamegraph.pl as they are."""
+    """py-spy on the gateway during one more non-stream run at c=connections (or, `paced`,
+    one more paced phase of the longest streams). The collapsed stacks it writes
+    (`--format raw`) open in speedscope.app or flamegraph.pl as they are."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         print("--profile: py-spy not found (.venv/bin/pip install py-spy)", file=sys.stderr)
         return None
     assert proxy.pid is not None
-    seconds = bench.args.duration
-    progress(f"profiling the gateway for {seconds} s (requests c={bench.args.connections})")
+    args = bench.args
+    seconds = args.duration if not paced else math.ceil(args.paced_seconds)
+    events = max(args.paced_events) if args.paced_events else 200
+    load = (
+        f"{args.paced_streams} paced streams of {events} events"
+        if paced
+        else f"requests c={args.connections}"
+    )
+    progress(f"profiling the gateway for {seconds} s ({load})")
     spy = bench.procs.start(
         [py_spy, "record", "--pid", str(proxy.pid), "--duration", str(seconds + 1),
-         "--rate", "250", "--format", "raw", "--subprocesses", "--output", str(path)],
+         "--rate", "250", "--nonblocking", "--format", "raw", "--subprocesses",
+         "--output", str(path)],
         stderr=subprocess.PIPE,
     )  # fmt: skip
     time.sleep(0.5)  # let it attach
-    run = bench.run_wrk(proxy, stream=False, connections=bench.args.connections, seconds=seconds)
+    if paced:
+        paced_run = run_async(
+            paced_streams(proxy, bench.backend_pid, args.paced_streams, events,
+                          args.paced_interval, seconds, 0.0, args.timeout)
+        )  # fmt: skip
+        rate = paced_run.tokens_per_s
+    else:
+        wrk = bench.run_wrk(proxy, stream=False, connections=args.connections, seconds=seconds)
+        rate = wrk.rate
     try:
         _, err = spy.communicate(timeout=seconds + 30)
     except subprocess.TimeoutExpired:
@@ -1091,7 +1488,8 @@ def profile_gateway(
         "seconds": seconds,
         "samples": total,
         "other_thread_samples": other_threads,
-        "rps_while_profiled": run.rate,
+        "load": load,
+        "rps_while_profiled": rate,
         "own_percent": {k: round(v / share, 1) for k, v in own.most_common(15)},
         "inclusive_percent": {k: round(v / share, 1) for k, v in inclusive.most_common(25)},
     }
@@ -1125,12 +1523,46 @@ ADDED = (
 )
 
 
+def paced_rows(
+    events_list: list[int], streams: int, interval: float
+) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, str | None]]]:
+    """The paced phases' rows (issue #17), one block per stream length, and their added
+    latencies (the proxy's figure minus direct's, per rep)."""
+    rows: list[tuple[str, str, int]] = []
+    added: list[tuple[str, str, str | None]] = []
+    del streams, interval  # in the report's header line
+    for events in events_list:
+        k, shape = f"paced{events}_", f"{events}-ev paced"
+        rows += [
+            (k + "cpu_us_event", f"proxy CPU per event, {shape} (µs)", 1),
+            (k + "cpu_us_stream", f"proxy CPU per {shape} stream (µs)", 0),
+            (k + "tokens_per_s", f"events/s, {shape}", 0),
+            (k + "busy", f"proxy busy cores, {shape}", 2),
+            (k + "latency_p50_ms", f"event latency p50, {shape} (ms)", 3),
+            (k + "latency_p99_ms", f"event latency p99, {shape} (ms)", 3),
+            (k + "ttfe_p50_ms", f"first event p50, {shape} (ms)", 3),
+            (k + "client_core", f"backend + client core, {shape}", 2),
+        ]
+        added += [
+            (k + "latency_p50_ms", f"added event latency p50, {shape} (ms)", None),
+            (k + "latency_p99_ms", f"added event latency p99, {shape} (ms)", None),
+            (k + "ttfe_p50_ms", f"added first event p50, {shape} (ms)", None),
+        ]
+    return rows, added
+
+
 def summarize(measured: dict[str, Any]) -> dict[str, Any]:
     """Medians per target; ratios and added latency per rep first (a rep's targets ran back to
     back, so they saw the same neighbours), then their median."""
     per_rep, targets = measured["per_rep"], measured["targets"]
+    extra_rows, extra_added = paced_rows(
+        measured["paced_events"], measured["paced_streams"], measured["paced_interval"]
+    )
+    measured_keys = set(per_rep[0][targets[0]])
+    rows = [row for row in (*ROWS, *extra_rows) if row[0] in measured_keys]
+    added_rows = [row for row in (*ADDED, *extra_added) if row[0] in measured_keys]
     table: dict[str, dict[str, float]] = {}
-    for key, _, _ in ROWS:
+    for key, _, _ in rows:
         row = {name: median([rep[name][key] for rep in per_rep]) for name in targets}
         for top, bottom in RATIOS:
             if top in targets and bottom in targets:
@@ -1139,7 +1571,7 @@ def summarize(measured: dict[str, Any]) -> dict[str, Any]:
                 )
         table[key] = row
     added: dict[str, dict[str, float]] = {}
-    for key, _, _ in ADDED:
+    for key, _, _ in added_rows:
         added[key] = {
             name: median([rep[name][key] - rep["direct"][key] for rep in per_rep])
             for name in targets
@@ -1162,7 +1594,14 @@ def summarize(measured: dict[str, Any]) -> dict[str, Any]:
                 [1e6 * r.proxy_cpu_s / r.streams for r in runs if r.streams]
             ),
         }
-    return {"table": table, "added": added, "holds": holds}
+    return {
+        "table": table,
+        "added": added,
+        "holds": holds,
+        "rows": rows,
+        "added_rows": added_rows,
+        "saturation": measured["saturation"],
+    }
 
 
 def print_comparison(figures: dict[str, Any], conns: str, ratio_name: str) -> None:
@@ -1181,13 +1620,38 @@ def print_comparison(figures: dict[str, Any], conns: str, ratio_name: str) -> No
         )
 
 
+def print_saturation(saturation: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Each proxy's ramp of paced streams, and the tokens/s where its core was full."""
+    if not saturation:
+        return
+    print()
+    print(
+        f"  saturation: paced streams of {meta['saturation_events']} events "
+        f"{1e3 * meta['paced_interval']:g} ms apart, ramped until the proxy's core is full "
+        f"(busy >= {SATURATED_BUSY}), an event's latency p50 passes {LATENCY_BLOWN_MS:g} ms, or "
+        f"the client's core is full (>= {CLIENT_CORE_FULL})"
+    )
+    for name, found in saturation.items():
+        steps = ", ".join(
+            f"{s['streams']:.0f} streams: {fmt(s['tokens_per_s'], 0)} tok/s at "
+            f"{fmt(s['busy'], 2)} core, p50 {fmt(s['latency_p50_ms'], 2)} ms"
+            for s in found["ramp"]
+        )
+        print(
+            f"  {name:>8}: {fmt(found['tokens_per_s'], 0)} tokens/s ({found['verdict']}; "
+            f"{fmt(found['cpu_us_event'], 1)} µs per event, "
+            f"1/that = {fmt(1e6 / found['cpu_us_event'], 0)} tokens/s per core)"
+        )
+        print(f"            ramp: {steps}")
+
+
 def print_report(results: dict[str, Any]) -> None:
     meta, summary = results["meta"], results["summary"]
     table, added = summary["table"], summary["added"]
     targets = meta["targets"]
     held = [name for name in targets if name != "direct"]
     ratios = [f"{t}/{b}" for t, b in RATIOS if t in targets and b in targets]
-    order = " ".join("ABCD"[: len(targets)])
+    order = " ".join("ABCDE"[: len(targets)])
     conns = str(meta["connections"])
     print()
     print(
@@ -1201,13 +1665,20 @@ def print_report(results: dict[str, Any]) -> None:
     )
     print(f"  {meta['wrk']}; {meta['nginx']} (access log {meta['nginx_access_log']})")
     print("  other work on the machine moves the absolute figures: compare the ratios")
+    if meta.get("paced_events"):
+        print(
+            f"  paced (issue #17): {meta['paced_streams']} streams at once, events "
+            f"{1e3 * meta['paced_interval']:g} ms apart (lengths {meta['paced_events']}), "
+            f"{meta['paced_seconds']:g} s windows; event latency = arrival - the backend's "
+            "send stamp; CPU per stream = CPU per event x its events"
+        )
     if "bare" in targets:
         print("  bare: bench/bare_proxy.py, aiohttp + uvloop with nothing else (issue #7's floor)")
     print()
     head = "".join(f"{name:>10}" for name in targets)
     head += "".join(f"{name.replace('gateway', 'gw'):>11}" for name in ratios)
     print(f"  {'':42}{head}  #7 goal (gateway)")
-    for key, label, digits in ROWS:
+    for key, label, digits in summary["rows"]:
         row = table[key]
         cells = "".join(f"{fmt(row[name], digits):>10}" for name in targets)
         for name in ratios:
@@ -1216,10 +1687,11 @@ def print_report(results: dict[str, Any]) -> None:
         label = label.replace("c=C", "c=" + conns)
         # rstrip: rows without a goal would end in spaces, which pasted tables keep.
         print(f"  {label:42}{cells}  {goal(key, row['gateway'])}".rstrip())
-    for key, label, _ in ADDED:
+    for key, label, _ in summary["added_rows"]:
         cells = f"{'':>10}" + "".join(f"{fmt(added[key][name], 3):>10}" for name in held)
         cells += " " * 11 * len(ratios)
         print(f"  {label:42}{cells}  {goal('added_' + key, added[key]['gateway'])}".rstrip())
+    print_saturation(summary["saturation"], meta)
     holds = summary["holds"]
     if holds:
         print()
@@ -1309,12 +1781,14 @@ def print_report(results: dict[str, Any]) -> None:
     print(f"  errors: {sum(errors.values()) or 'none'}")
     for text, count in list(errors.items())[:8]:
         print(f"    {count} x {text}")
-    profile = results.get("profile")
-    if profile:
+    for profile in (results.get("profile"), results.get("profile_paced")):
+        if not profile:
+            continue
         print()
+        unit = "events/s" if "paced" in profile["load"] else "req/s"
         print(
-            f"  py-spy, gateway under requests at c={conns} for {profile['seconds']} s "
-            f"({fmt(profile['rps_while_profiled'], 0)} req/s while sampled); "
+            f"  py-spy, gateway under {profile['load']} for {profile['seconds']} s "
+            f"({fmt(profile['rps_while_profiled'], 0)} {unit} while sampled); "
             f"stacks in {profile['path']}"
         )
         print(
@@ -1322,6 +1796,9 @@ def print_report(results: dict[str, Any]) -> None:
             f"{profile['other_thread_samples']} in other threads left out):"
         )
         for frame, percent in profile["own_percent"].items():
+            print(f"    {percent:5.1f}%  {frame}")
+        print("  inclusive (the stack passes through it):")
+        for frame, percent in profile["inclusive_percent"].items():
             print(f"    {percent:5.1f}%  {frame}")
 
 
@@ -1339,7 +1816,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=2000, help="streams held (2000; 0 skips)")
     parser.add_argument("--hold-seconds", type=int, default=5, help="s held, all open (5)")
     parser.add_argument("--timeout", type=float, default=15.0, help="client timeout, s (15)")
-    parser.add_argument("--quick", action="store_true", help="1 rep, 2 s runs, 500 streams")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 rep, 2 s runs, 500 held streams, 2 s paced windows, 3 saturation steps",
+    )
+    parser.add_argument(
+        "--paced-streams", type=int, default=256, help="paced streams at once (256)"
+    )
+    parser.add_argument(
+        "--paced-events",
+        default="20,200",
+        help="events per paced stream, comma-separated: one phase each (20,200; '' skips)",
+    )
+    parser.add_argument(
+        "--paced-interval", type=float, default=0.02, help="s between paced events (0.02)"
+    )
+    parser.add_argument("--paced-seconds", type=float, default=5.0, help="paced window, s (5)")
+    parser.add_argument(
+        "--paced-warmup", type=float, default=1.0, help="s of paced streams before it (1)"
+    )
+    parser.add_argument(
+        "--saturation-steps",
+        type=int,
+        default=4,
+        help="most ramp steps to find each proxy's saturation point (4; 0 skips)",
+    )
+    parser.add_argument(
+        "--paced-only",
+        action="store_true",
+        help="only the paced phases and saturation (no wrk rows, holds or --workers)",
+    )
+    parser.add_argument(
+        "--baseline-root",
+        metavar="DIR",
+        help="also run, as target `baseline`, the gateway of this checkout (before/after)",
+    )
+    parser.add_argument(
+        "--gateway-root",
+        metavar="DIR",
+        help="run the gateway from this checkout (e.g. `git archive` of another commit)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="pin nothing")
     parser.add_argument("--no-workers", action="store_true", help="skip --workers 1 vs 2")
     parser.add_argument("--no-bare", action="store_true", help="skip bench/bare_proxy.py")
@@ -1368,6 +1885,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.repeat, args.duration, args.latency_duration = 1, 2, 1
         args.streams = min(args.streams, 500)
+        args.paced_seconds, args.paced_warmup = min(args.paced_seconds, 2.0), 0.5
+        args.saturation_steps = min(args.saturation_steps, 3)
+    try:
+        args.paced_events = [int(n) for n in args.paced_events.split(",") if n.strip()]
+    except ValueError:
+        parser.error("--paced-events: comma-separated whole numbers")
+    if any(n < 1 or n > 10_000 for n in args.paced_events) or args.paced_streams < 1:
+        parser.error("--paced-events must be 1 to 10000 and --paced-streams at least 1")
+    if args.paced_interval <= 0 or args.paced_seconds <= 0 or args.paced_warmup < 0:
+        parser.error("--paced-interval and --paced-seconds must be > 0, --paced-warmup >= 0")
     if args.repeat < 1 or args.connections < 1 or args.duration < 1 or args.latency_duration < 1:
         parser.error("--repeat, --connections and the durations must be at least 1")
     if args.streams < 0 or args.hold_seconds < 1:
@@ -1384,6 +1911,14 @@ def main(argv: list[str] | None = None) -> int:
         run_async(serve_otlp_sink(args.serve_otlp_sink))
         return 0
     wrk, nginx = ensure_tools()
+    for option in ("gateway_root", "baseline_root"):
+        if getattr(args, option):
+            root = Path(getattr(args, option)).resolve()
+            if not (root / "gateway" / "__main__.py").exists():
+                sys.exit(f"proxy_bench: no gateway/__main__.py under {root}")
+            setattr(args, option, str(root))
+    if args.gateway_root:
+        GATEWAY_ROOT[:] = [args.gateway_root]
     signal.signal(signal.SIGTERM, _raise_exit)
     # Even when started with SIGINT ignored (in the background from a script): Ctrl-C or
     # kill -INT must stop the run and its children.
@@ -1408,7 +1943,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.monotonic()
     # At the start: others may commit to the same tree while the bench runs.
-    commit = _commit()
+    commit = _commit() if not args.gateway_root else f"gateway from {args.gateway_root}"
 
     def progress(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
@@ -1444,6 +1979,14 @@ def main(argv: list[str] | None = None) -> int:
             proxies["bare"] = Proxy(
                 "bare", bare_port, bare_pid, UPSTREAM_MODEL, BACKEND_KEY, workdir
             )
+        if args.baseline_root:
+            base_pid, base_port = start_gateway(
+                procs, workdir, backend_port, workdir / "baseline.log", proxy_cpus,
+                name="baseline", root=args.baseline_root,
+            )  # fmt: skip
+            proxies["baseline"] = Proxy(
+                "baseline", base_port, base_pid, PUBLIC_MODEL, CLIENT_KEY, workdir
+            )
         proxies["gateway"] = Proxy(
             "gateway", gateway_port, gateway_pid, PUBLIC_MODEL, CLIENT_KEY, workdir
         )
@@ -1456,8 +1999,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         has_workers = gateway_has_workers()
         note = ""
-        if args.no_workers:
-            note = "skipped (--no-workers)"
+        if args.no_workers or args.paced_only:
+            note = "skipped (--no-workers)" if args.no_workers else "skipped (--paced-only)"
         elif not has_workers:
             note = "skipped: this gateway's CLI has no --workers option (python -m gateway --help)"
         else:
@@ -1469,9 +2012,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.tracing_cost:
             results["tracing"] = measure_tracing(bench, workdir, backend_port, proxy_cpus, progress)
         if args.profile:
-            results["profile"] = profile_gateway(
-                bench, proxies["gateway"], Path(args.profile).resolve(), progress
-            )
+            path = Path(args.profile).resolve()
+            if not args.paced_only:
+                results["profile"] = profile_gateway(bench, proxies["gateway"], path, progress)
+            if args.paced_events:
+                results["profile_paced"] = profile_gateway(
+                    bench, proxies["gateway"], path.with_name(path.name + ".paced"), progress,
+                    paced=True,
+                )  # fmt: skip
         results["errors"] = dict(bench.errors.most_common())
         results["meta"] = {
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1491,6 +2039,11 @@ def main(argv: list[str] | None = None) -> int:
             "streams": args.streams,
             "hold_seconds": args.hold_seconds,
             "workers_note": note,
+            "paced_interval": args.paced_interval,
+            "paced_events": args.paced_events,
+            "paced_streams": args.paced_streams,
+            "paced_seconds": args.paced_seconds,
+            "saturation_events": max(args.paced_events) if args.paced_events else 200,
             "seconds": round(time.monotonic() - started, 1),
         }
         if args.json:

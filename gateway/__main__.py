@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         pass
     # A worker under --workers shares its port with its siblings.
     reuse_port = os.environ.get("GATEWAY_WORKER_INDEX") is not None
+    # What is built by now (modules, the app) lives as long as the process: out of the
+    # collector's reach, a full collection scans only what requests made. Measured under
+    # 256 paced streams: 3 full collections of ~45 ms each in 7 s of CPU, 1.8 % of it, each
+    # one a 45 ms stall of every stream.
+    gc.freeze()
     asyncio.run(serve_forever(app, args.host, args.port, drain, reuse_port=reuse_port))
     return 0
 

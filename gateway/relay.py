@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -199,20 +200,33 @@ async def _pump_events(
     chunk: bytes,
 ) -> None:
     """Events that arrived together leave together: one write (one send) per network read,
-    not per event. Nothing waits for more data."""
+    not per event. Nothing waits for more data. The read is BodyReader.read's, inline: a
+    paced stream makes one per event, and a coroutine call less each is measurable."""
+    if reader is None:
+        await events.end(response, events.feed(chunk) if chunk else b"")
+        return
+    content, deadline, idle = reader.content, reader.deadline, reader.idle
     while True:
         if chunk:
             out = events.feed(chunk)
-            if reader is None or reader.at_eof():
+            if content.at_eof():
                 # The end is here already: the last events and the end of the chunked body
                 # leave in one write.
                 await events.end(response, out)
                 return
             if out:
                 await response.write(out)
-        if reader is None:
-            break
-        chunk = await reader.read()
+        guarded = deadline.arm(idle)
+        try:
+            chunk = await content.readany()
+        except (asyncio.CancelledError, aiohttp.ClientError, OSError) as exc:
+            error = reader.failure(exc, guarded)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            if guarded:
+                deadline.disarm()
         if not chunk:
             break
     await events.end(response, b"")
@@ -222,7 +236,15 @@ class _EventRewriter:
     """One stream's events on their way to the client: the public id put in, usage read,
     and what the gateway itself asked for taken out."""
 
-    __slots__ = ("_on_created", "_public_id", "_record", "_splitter", "_strip_usage", "_swap")
+    __slots__ = (
+        "_on_created",
+        "_public_id",
+        "_record",
+        "_splitter",
+        "_strip_usage",
+        "_swap",
+        "_whole",
+    )
 
     def __init__(
         self,
@@ -237,9 +259,19 @@ class _EventRewriter:
         self._strip_usage = strip_usage
         self._swap = ModelSwap(public_id)
         self._splitter = SSESplitter()
+        # A chunk that is one whole plain event may take ModelSwap.whole_event, which gives
+        # what `_event` gives for it; not while a Responses stream has yet to name its object.
+        self._whole = on_created is None
 
     def feed(self, chunk: bytes) -> bytes:
         """What to send for the events this chunk completes."""
+        if self._whole and self._splitter.empty():
+            out = self._swap.whole_event(chunk)
+            if out is not None:
+                record = self._record
+                if record.first_byte_at is None:
+                    record.first_byte_at = time.monotonic()
+                return out
         events = self._splitter.feed(chunk)
         if not events:
             return b""
@@ -275,6 +307,7 @@ class _EventRewriter:
         if found is not None and self._on_created is not None:
             self._on_created(found)
             self._on_created = None
+            self._whole = self.__class__ is _EventRewriter
 
     async def end(self, response: web.StreamResponse, out: bytes) -> None:
         """The backend's body is over: a stream cut inside an event is a dead one."""
@@ -300,6 +333,7 @@ class _WatchedEvents(_EventRewriter):
     ) -> None:
         super().__init__(public_id, record, strip_usage)
         self._watch = watch
+        self._whole = False  # every event is observed (`_event`)
 
     def _event(self, event: bytes) -> bytes | None:
         watch = self._watch

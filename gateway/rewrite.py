@@ -301,6 +301,44 @@ class ModelSwap:
         out = _swap_chunk_model(event, data, payload, self._public_id, self._value)
         return None if out is None else (out, payload, data)
 
+    def whole_event(self, chunk: bytes) -> bytes | None:
+        """What the relay sends for `chunk` when it is one whole common event and nothing
+        else (`data: ` and JSON on one line, LF LF), with no backslash and no `"usage"` in
+        its bytes: `event` and the relay's usage check in one pass, without the tuple or the
+        payload kept. None for anything else, which takes the general path. (A paced stream
+        reads one event at a time, and this is its per-event work.)"""
+        if (
+            chunk[:6] != b"data: "
+            or chunk.find(b"\n") != len(chunk) - 2
+            or chunk[-1:] != b"\n"
+            or chunk.find(b"\r") != -1
+            or chunk.find(b"\\") != -1
+            or chunk.find(b'"usage"') != -1
+        ):
+            return None
+        data = chunk[6:-2]
+        if data == b"[DONE]":
+            return chunk
+        try:
+            payload = loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        if payload.__class__ is not dict or payload.get("response") is not None:
+            return None
+        model = payload.get("model")
+        if model.__class__ is not str:
+            return None
+        if model == self._public_id:
+            return chunk
+        value = self._value
+        at = data.find(b'"model"')
+        if value is None or data.find(b'"model"', at + 7) != -1:
+            return None
+        span = _model_value(data, at, True)
+        if span is None:
+            return None
+        return b"".join((b"data: ", data[: span[0]], value, data[span[1] :], b"\n\n"))
+
 
 def _rewrite_event_slowly(event: bytes, public_id: str) -> RewrittenEvent:
     """Any event: its data lines joined, parsed with json, re-encoded when the model changes."""

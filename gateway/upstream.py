@@ -320,50 +320,60 @@ class BodyReader:
     total time or death. A plain coroutine per read: cheaper than an async generator, and
     a stream's relay makes one read per event or so."""
 
-    __slots__ = ("_content", "_deadline", "_hop", "_idle")
+    __slots__ = ("_hop", "content", "deadline", "idle")
 
     def __init__(self, response: aiohttp.ClientResponse, hop: Hop, deadline: Deadline) -> None:
-        self._content = response.content
+        self.content = response.content
         self._hop = hop
-        self._deadline = deadline
-        self._idle = hop.timeouts.idle
+        self.deadline = deadline
+        self.idle = hop.timeouts.idle
 
     def at_eof(self) -> bool:
         """Everything is read: the next `read` would return b""."""
-        return self._content.at_eof()
+        return self.content.at_eof()
 
     async def read(self) -> bytes:
         """The next bytes, as soon as there are any; b"" at the end of the body."""
-        deadline, hop = self._deadline, self._hop
-        guarded = deadline.arm(self._idle)
+        deadline = self.deadline
+        guarded = deadline.arm(self.idle)
         try:
-            return await self._content.readany()
-        except asyncio.CancelledError:
-            if not (guarded and deadline.timed_out()):
+            return await self.content.readany()
+        except (asyncio.CancelledError, aiohttp.ClientError, OSError) as exc:
+            error = self.failure(exc, guarded)
+            if error is None:
                 raise
-            total = deadline.remaining_total()
+            raise error from None
+        finally:
+            if guarded:
+                deadline.disarm()
+
+    def failure(self, exc: BaseException, guarded: bool) -> UpstreamError | None:
+        """What a failed read (`deadline.arm(self.idle)` returned `guarded`) raises: an
+        UpstreamError, or None for `exc` itself (a cancellation that is not the watchdog's).
+        The relay's event loop reads inline, with the same `failure`."""
+        hop = self._hop
+        if isinstance(exc, asyncio.CancelledError):
+            if not (guarded and self.deadline.timed_out()):
+                return None
+            total = self.deadline.remaining_total()
             if total is not None and total <= 0:
-                raise UpstreamError(
+                return UpstreamError(
                     "timeout_total",
                     504,
                     f"backend for model '{hop.public_id}' exceeded the total timeout "
                     f"of {hop.timeouts.total:g} s",
-                ) from None
-            raise UpstreamError(
+                )
+            return UpstreamError(
                 "timeout_idle",
                 504,
-                f"backend for model '{hop.public_id}' sent nothing for {self._idle:g} s",
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(
-                "died",
-                502,
-                f"backend for model '{hop.public_id}' ({hop.backend_label}) closed the connection "
-                f"before the response was complete ({exc.__class__.__name__})",
-            ) from None
-        finally:
-            if guarded:
-                deadline.disarm()
+                f"backend for model '{hop.public_id}' sent nothing for {self.idle:g} s",
+            )
+        return UpstreamError(
+            "died",
+            502,
+            f"backend for model '{hop.public_id}' ({hop.backend_label}) closed the connection "
+            f"before the response was complete ({exc.__class__.__name__})",
+        )
 
     async def read_all(self, into: bytearray) -> None:
         """Append the rest of the body to `into`."""

@@ -65,6 +65,10 @@ class SSESplitter:
             raise EventTooLarge(f"an SSE event exceeded {self._max} bytes")
         return events
 
+    def empty(self) -> bool:
+        """Nothing pending: the next chunk starts an event."""
+        return not self._buffer
+
     @property
     def pending(self) -> bytes:
         """Bytes of an event that has started but not ended."""

@@ -250,3 +250,83 @@ def test_usage_cut_keeps_the_bytes() -> None:
     raw = b'{"id":"c","model":"real","choices":[{"index":0}],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
     out = _cut_usage(rewrite_event(b"data: " + raw + b"\n\n", "public"))
     assert out == b'{"id":"c","model":"public","choices":[{"index":0}]}'
+
+
+# Each one a reason for whole_event to step aside, or not.
+_RELAYED_EVENTS = [
+    b'data: {"id":"c1","object":"chat.completion.chunk","model":"real-model","choices":[]}\n\n',
+    b'data: {"id":"c1","model":"public","choices":[{"delta":{"content":"hi"}}]}\n\n',
+    b'data: {"model":"real-model","choices":[],"usage":{"prompt_tokens":1,'
+    b'"completion_tokens":2}}\n\n',
+    b'data: {"model":"real-model","response":{"model":"real-model"}}\n\n',
+    b'data: {"model":"real-model","choices":[{"delta":{"model":"x"}}]}\n\n',
+    b'data: {"model":"re\\u0061l","choices":[]}\n\n',
+    b'data: {"model":"real-model","mod\\u0065l":"other"}\n\n',
+    b'data: {"model":"real-model"}\r\n\r\n',
+    b'data: {"model":\r"real-model"}\n\n',
+    b'data:{"model":"real-model"}\n\n',
+    b'data: {"model":"real-model",}\n\n',
+    b'data: {"model":7}\n\n',
+    b'data: ["model"]\n\n',
+    b"data: [DONE]\n\n",
+    b": keep-alive\n\n",
+    b'event: x\ndata: {"model":"real-model"}\n\n',
+]
+_chunk_events = st.one_of(
+    st.sampled_from(_RELAYED_EVENTS),
+    _documents.map(
+        lambda d: b"data: " + json.dumps({"model": "real-model", **d}).encode() + b"\n\n"
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(_chunk_events, max_size=6),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=4),
+    at_event_ends=st.booleans(),
+    strip_usage=st.booleans(),
+)
+@example(events=_RELAYED_EVENTS, cuts=[], at_event_ends=True, strip_usage=True)
+@example(events=_RELAYED_EVENTS, cuts=[], at_event_ends=True, strip_usage=False)
+def test_relay_whole_event_path_matches_the_general_one(
+    events: list[bytes], cuts: list[int], at_event_ends: bool, strip_usage: bool
+) -> None:
+    """A chunk that is one whole plain event takes ModelSwap.whole_event; what the client is
+    sent, the usage read and the record are what the splitter and `_event` give."""
+    from gateway.middleware import RequestRecord
+    from gateway.relay import _EventRewriter
+
+    stream = b"".join(events)
+    if at_event_ends:  # one event per read, as a paced stream arrives
+        chunks = list(events)
+    else:
+        points = sorted({c for c in cuts if c < len(stream)} | {len(stream)})
+        chunks = [stream[a:b] for a, b in zip([0, *points], points, strict=False) if b > a]
+    outcomes = []
+    for whole in (True, False):
+        record = RequestRecord(request_id="r")
+        rewriter = _EventRewriter("public", record, strip_usage)
+        rewriter._whole = whole
+        sent = [rewriter.feed(chunk) for chunk in chunks]
+        outcomes.append(
+            (
+                b"".join(sent),
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.first_byte_at is None,
+                rewriter._splitter.pending,
+            )
+        )
+    assert outcomes[0] == outcomes[1]
+
+
+def test_relay_whole_event_path_is_taken() -> None:
+    """The paced stream's event goes through whole_event (so the test above compares two
+    paths, not one path twice)."""
+    swap = ModelSwap("public")
+    event = b'data: {"id":"c","model":"real-model","choices":[]}\n\n'
+    assert swap.whole_event(event) == b'data: {"id":"c","model":"public","choices":[]}\n\n'
+    assert swap.whole_event(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert swap.whole_event(event + event) is None
+    assert swap.whole_event(b'data: {"model":"m","usage":null}\n\n') is None
