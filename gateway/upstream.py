@@ -7,7 +7,7 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -15,6 +15,8 @@ from yarl import URL
 
 from gateway.config import Timeouts
 from gateway.routing import Hop, Target
+
+_T = TypeVar("_T")
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -334,36 +336,66 @@ class BodyReader:
 
     async def read(self) -> bytes:
         """The next bytes, as soon as there are any; b"" at the end of the body."""
-        deadline, hop = self._deadline, self._hop
+        deadline = self._deadline
         guarded = deadline.arm(self._idle)
         try:
             return await self._content.readany()
         except asyncio.CancelledError:
             if not (guarded and deadline.timed_out()):
                 raise
-            total = deadline.remaining_total()
-            if total is not None and total <= 0:
-                raise UpstreamError(
-                    "timeout_total",
-                    504,
-                    f"backend for model '{hop.public_id}' exceeded the total timeout "
-                    f"of {hop.timeouts.total:g} s",
-                ) from None
-            raise UpstreamError(
-                "timeout_idle",
-                504,
-                f"backend for model '{hop.public_id}' sent nothing for {self._idle:g} s",
-            ) from None
+            raise self._timed_out() from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(
-                "died",
-                502,
-                f"backend for model '{hop.public_id}' ({hop.backend_label}) closed the connection "
-                f"before the response was complete ({exc.__class__.__name__})",
-            ) from None
+            raise self._died(exc) from None
         finally:
             if guarded:
                 deadline.disarm()
+
+    async def wait(self, woken: asyncio.Future[_T]) -> _T:
+        """Wait for `woken` as `read` waits for bytes, under the same clock and with the same
+        errors: for a relay that reads the body without `read` (gateway.transport_relay),
+        whose `woken` is set when there is something to do or fails as the body would."""
+        deadline = self._deadline
+        guarded = deadline.arm(self._idle)
+        try:
+            return await woken
+        except asyncio.CancelledError:
+            if not (guarded and deadline.timed_out()):
+                raise
+            raise self._timed_out() from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._died(exc) from None
+        finally:
+            if guarded:
+                deadline.disarm()
+
+    def heard(self) -> None:
+        """Bytes arrived outside `read` or `wait`: the idle clock of the wait starts again."""
+        if self._idle is not None:
+            self._deadline.arm(self._idle)
+
+    def _timed_out(self) -> UpstreamError:
+        hop, total = self._hop, self._deadline.remaining_total()
+        if total is not None and total <= 0:
+            return UpstreamError(
+                "timeout_total",
+                504,
+                f"backend for model '{hop.public_id}' exceeded the total timeout "
+                f"of {hop.timeouts.total:g} s",
+            )
+        return UpstreamError(
+            "timeout_idle",
+            504,
+            f"backend for model '{hop.public_id}' sent nothing for {self._idle:g} s",
+        )
+
+    def _died(self, exc: BaseException) -> UpstreamError:
+        hop = self._hop
+        return UpstreamError(
+            "died",
+            502,
+            f"backend for model '{hop.public_id}' ({hop.backend_label}) closed the connection "
+            f"before the response was complete ({exc.__class__.__name__})",
+        )
 
     async def read_all(self, into: bytearray) -> None:
         """Append the rest of the body to `into`."""
