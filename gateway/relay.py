@@ -148,8 +148,10 @@ async def _relay_events(
         events = _WatchedEvents(hop.public_id, record, answer.usage_added, watch)
     reader = None if answer.complete else BodyReader(upstream, hop, deadline)
     pump = _pump_events
-    if reader is not None and watch is None:
-        # The fast path (gateway.transport_relay), where it can take the stream over.
+    if reader is not None and watch is None and on_created is None:
+        # The fast path (gateway.transport_relay), where it can take the stream over. Not
+        # for a Responses API stream whose object is remembered: that task must start in the
+        # request's context (its log lines carry the request id), not the connection's.
         pump = transport_pump(request, response, upstream) or _pump_events
     await _pump_or_cut(response, events, reader, answer.head, record, watch is not None, pump)
     return response

@@ -283,3 +283,44 @@ async def test_transport_relay_under_backpressure_gives_what_the_event_pump_give
         assert answers[0] == answers[1]
         assert answers[0].endswith(b"data: [DONE]\n\n")
     assert transport_relay._PAUSED in woken
+
+
+def test_the_switch_reads_on_and_off() -> None:
+    assert Settings().transport_relay is True
+    assert Settings.from_env({}).transport_relay is True
+    assert Settings.from_env({"GATEWAY_TRANSPORT_RELAY": ""}).transport_relay is True  # unset
+    for off in ("off", "OFF", "false", "0"):
+        assert Settings.from_env({"GATEWAY_TRANSPORT_RELAY": off}).transport_relay is False
+    for on in ("on", "true", "1"):
+        assert Settings.from_env({"GATEWAY_TRANSPORT_RELAY": on}).transport_relay is True
+    with pytest.raises(ValueError, match="on or off"):
+        Settings.from_env({"GATEWAY_TRANSPORT_RELAY": "fast"})
+
+
+async def test_a_resumable_stream_takes_the_event_pump(
+    make_gateway, raw_backend: RawBackend, http: aiohttp.ClientSession, monkeypatch
+) -> None:
+    """Stream resume watches every event it relays (gateway.resume): the transport relay
+    leaves such a stream to the event pump, which the resume tests pin down."""
+    taken_over = 0
+    pump = transport_relay._TransportRelay.pump
+
+    async def counted(self: Any, *args: Any) -> None:
+        nonlocal taken_over
+        taken_over += 1
+        await pump(self, *args)
+
+    monkeypatch.setattr(transport_relay._TransportRelay, "pump", counted)
+    config = _config(raw_backend)
+    config["endpoints"]["m"] = {**config["endpoints"]["m"], "resume": True}
+    gateway = await make_gateway(config)
+    rng = random.Random(5)
+    events = b"".join(_event(rng, "real", "none") for _ in range(30)) + b"data: [DONE]\n\n"
+    payload, _ = _framed(rng, events, "clean")
+    close = b"\r\nConnection: close\r\n" in payload.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    for model, fast in (("m", 0), ("modèle-é", 1)):
+        raw_backend.script = _Script(_pieces(rng, payload), False, close)
+        request = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=request) as response:
+            assert (await response.read()).endswith(b"data: [DONE]\n\n")
+        assert taken_over == fast
