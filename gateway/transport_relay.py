@@ -1,28 +1,30 @@
-"""The transport relay: a token stream's events written to the client from inside the backend
-connection's data callback, with no task wake-up and no `StreamResponse.write` per event.
+"""The transport relay: a token stream's events relayed from inside the backend connection's
+data callback, with no task wake-up and no `StreamResponse.write` per event.
 
 The slow path (`relay._pump_events`) costs, per network read: aiohttp's client parser feeding
 the response's StreamReader, the reader waking the handler task through a future, the task
 resuming through `BodyReader.read` and the pump, and `StreamResponse.write` going down
-aiohttp's writer to the client's transport. Here the parser's feed reaches a `_Tap` that sits
-in the reader's waiter slot (where a reading coroutine's future would be): the tap reads what
-was fed, runs the same `_EventRewriter` (model swap, usage read and stripped), frames it as
-aiohttp's writer would (HTTP/1.1 chunked) and writes it to the client's transport, all inside
-the one `data_received` call. The handler task sleeps until the stream ends, fails, or the
-client's transport asks it to wait.
+aiohttp's writer to the client's transport. Here the reader is taken over (`_TappedReader`, its
+class swapped in place, the `_Tap` in its waiter slot): what the parser feeds is rewritten by
+the same `_EventRewriter` (model swap, usage read and stripped) inside the `data_received`
+call, and written, framed as aiohttp's writer frames it (HTTP/1.1 chunked), to the client's
+transport by one loop callback when that read is done (one write per read, as the pump
+writes). The handler task sleeps until the stream ends, fails, or the client's transport asks
+it to wait.
 
 What stays aiohttp's: the backend connection, its parser and chunked decoding (llhttp, in C),
 the connection's return to the pool when the body ended cleanly (the reader's end-of-body
 callbacks run as before), the response headers (sent by `prepare()` and the first write), and
 the end of the body (`write_eof`). Backpressure is the slow path's: while the client's
-transport has paused writing, the tap leaves the slot empty, so the reader buffers up to its
-high-water mark and then pauses the backend connection itself; the task waits for the client
-to drain and puts the tap back. Idle and total timeouts are the same `Deadline`, restarted by
-every read. The tap is used only where the slow path's promises need nothing more than the
-rewriter: not for a resumable stream (its watch takes the slow path), not where the client
-response is compressed or has a length, and only on the aiohttp internals it was written
-against (checked at takeover; anything else takes the slow path). Switched off by
-`GATEWAY_TRANSPORT_RELAY=off`.
+transport has paused writing, the reader is handed back, so it buffers up to its high-water
+mark and then pauses the backend connection itself; the task waits for the client to drain,
+relays what was buffered and takes the reader over again. Idle and total timeouts are the same
+`Deadline`, restarted by every read. Not taken over (the slow path then): a resumable stream
+(its watch parses every event), a Responses API stream whose object is remembered, a client
+response that is compressed or has a length, and anything not built as this module expects
+(aiohttp 3.14's StreamReader and StreamWriter, checked at takeover). Switched off by
+`GATEWAY_TRANSPORT_RELAY=off`; tests/gateway/test_fast_path_equals_slow_transport_relay.py
+compares the two paths byte for byte.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def transport_pump(request: web.Request, response: web.StreamResponse, upstream:
         or getattr(writer, "_compress", True) is not None
         or getattr(writer, "length", 0) is not None
         or type(content) is not streams.StreamReader
-        or content._waiter is not None
+        or getattr(content, "_waiter", False) is not None
+        or not hasattr(writer, "send_headers")
     ):
         return None
     return _TransportRelay(writer, content, transport).pump
@@ -148,6 +151,8 @@ class _Tap:
         "_chunked",
         "_content",
         "_events",
+        "_loop",
+        "_pending",
         "_reader",
         "_transport",
         "_writer",
@@ -169,6 +174,8 @@ class _Tap:
         self._transport = transport
         self._writer = writer
         self._chunked = bool(writer.chunked)
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] | None = None  # relayed, to be written at the read's end
         self.woken: asyncio.Future[str] | None = None
         self.waiting = False  # the task waits under the idle clock, which each read restarts
 
@@ -195,29 +202,49 @@ class _Tap:
         content.__class__ = _TappedReader
 
     def detach(self) -> None:
-        """The reader is the reader's again: it buffers, and pauses the connection when full."""
+        """The reader is the reader's again: it buffers, and pauses the connection when full.
+        What the tap relayed is written first: it came before whatever ends the stream."""
         content = self._content
         if content.__class__ is _TappedReader:
             content.__class__ = streams.StreamReader
         if content._waiter is self:
             content._waiter = None
+        self._flush()
 
     def fed(self, data: bytes) -> None:
-        """Bytes of the body, inside the parser: relayed at once."""
+        """Bytes of the body, inside the parser: rewritten at once, and written when the
+        parser is done with this read (a callback soon after), so that the events of one read
+        leave in one write, as the event pump sends them; a paced event is one read."""
         try:
             out = self._events.feed(data)
-            if out:
-                self._write(out)
-        except _ClientGone:
-            self._wake(_CLIENT_GONE)
-            return
         except Exception as exc:  # the rewriter's (EventTooLarge, say)
             self._wake(exc)
             return
         if self.waiting:
             self._reader.heard()
-        if self._writer.protocol.writing_paused:
+        if out:
+            if self._pending is None:
+                self._pending = [out]
+                self._loop.call_soon(self._written)
+            else:
+                self._pending.append(out)
+
+    def _written(self) -> None:
+        """After the read: its events out, and the task woken if the client's transport is
+        now full (the tap then lets the reader buffer, which pauses the connection)."""
+        self._flush()
+        if self._content.__class__ is _TappedReader and self._writer.protocol.writing_paused:
             self._wake(_PAUSED)
+
+    def _flush(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        try:
+            self._write(pending[0] if len(pending) == 1 else b"".join(pending))
+        except _ClientGone:
+            self._wake(_CLIENT_GONE)
 
     # The future protocol, as StreamReader and aiohttp.helpers use its waiter.
     def done(self) -> bool:
