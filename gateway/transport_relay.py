@@ -30,6 +30,7 @@ compares the two paths byte for byte.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientConnectionResetError, streams, web
@@ -37,6 +38,8 @@ from aiohttp import ClientConnectionResetError, streams, web
 from gateway.state import SETTINGS
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from gateway.relay import _EventRewriter
     from gateway.upstream import BodyReader
 
@@ -48,7 +51,9 @@ _CLIENT_GONE = "client_gone"  # the client's transport is closing
 _CLOSING = "Cannot write to closing transport"  # aiohttp's own words for a gone client
 
 
-def transport_pump(request: web.Request, response: web.StreamResponse, upstream: Any) -> Any:
+def transport_pump(
+    request: web.Request, response: web.StreamResponse, upstream: aiohttp.ClientResponse
+) -> Callable[..., Awaitable[None]] | None:
     """The transport relay's pump for this stream, with `relay._pump_events`'s signature;
     None when the switch is off or the stream cannot be taken over (the slow path then)."""
     if not request.app[SETTINGS].transport_relay:
