@@ -132,7 +132,9 @@ class _TappedReader(streams.StreamReader):
     """The backend response's reader while the tap holds it (its class swapped in place, the
     tap in its waiter slot): what the parser feeds goes to the tap, not to the buffer. Its end
     (`feed_eof`) and its failure (`set_exception`) are the reader's own, which wake the waiter:
-    the tap."""
+    the tap. (Not `read_nowait` from the waiter instead: it calls the protocol's
+    `resume_reading`, which re-enters the parser from inside its own callback and broke the
+    connection when tried.)"""
 
     __slots__ = ()
 
