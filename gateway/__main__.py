@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
   GATEWAY_ADMIN_KEY  when set, /debug, /reload and /usage need 'Authorization: Bearer <key>'
   ALLOW_ORIGINS      comma-separated CORS origins (overrides the file's allowOrigins;
                      empty means unset)
+  GATEWAY_TRANSPORT_RELAY  on (default) or off: token streams relayed from the backend
+                     connection's data callback, or each event through aiohttp's writer
   GATEWAY_DRAIN_TIMEOUT  seconds in-flight requests get to finish on SIGTERM (default 30)
   PROMETHEUS_MULTIPROC_DIR  with --workers: where the processes keep their metrics
                      (default: a temporary folder, removed on exit)
@@ -108,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.server import DEFAULT_DRAIN_TIMEOUT, serve_forever
     from gateway.state import Settings
 
-    settings = Settings.from_env(os.environ)
+    try:
+        settings = Settings.from_env(os.environ)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     drain = float(_env("GATEWAY_DRAIN_TIMEOUT") or DEFAULT_DRAIN_TIMEOUT)
     if args.workers < 1:
         print("--workers must be 1 or more", file=sys.stderr)

@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from gateway.rewrite import (
     usage_of,
 )
 from gateway.routing import Hop
+from gateway.transport_relay import transport_pump
 from gateway.upstream import BodyReader, Deadline, UpstreamError, read_chunks, returned_headers
 from wire.errors import UPSTREAM_ERROR, error_payload
 from wire.protocol import NO_BUFFERING
@@ -147,7 +148,13 @@ async def _relay_events(
     else:
         events = _WatchedEvents(hop.public_id, record, answer.usage_added, watch)
     reader = None if answer.complete else BodyReader(upstream, hop, deadline)
-    await _pump_or_cut(response, events, reader, answer.head, record, watch is not None)
+    pump = _pump_events
+    if reader is not None and watch is None and on_created is None:
+        # The fast path (gateway.transport_relay), where it can take the stream over. Not
+        # for a Responses API stream whose object is remembered: that task must start in the
+        # request's context (its log lines carry the request id), not the connection's.
+        pump = transport_pump(request, response, upstream) or _pump_events
+    await _pump_or_cut(response, events, reader, answer.head, record, watch is not None, pump)
     return response
 
 
@@ -180,9 +187,10 @@ async def _pump_or_cut(
     head: bytes,
     record: RequestRecord,
     watched: bool,
+    pump: Callable[..., Awaitable[None]] | None = None,
 ) -> None:
     try:
-        await _pump_events(response, events, reader, head)
+        await (pump or _pump_events)(response, events, reader, head)
         return
     except EventTooLarge as exc:
         error = UpstreamError("event_too_large", 502, str(exc))

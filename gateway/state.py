@@ -22,6 +22,8 @@ from gateway.selection import Policies
 from gateway.tracing import RequestTracer
 from gateway.usagelog import UsageLog
 
+_SWITCH = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -29,15 +31,22 @@ class Settings:
 
     admin_key: str | None = None
     allow_origins: tuple[str, ...] | None = None  # None: take the config file's
+    # Token streams relayed from the backend connection's data callback (see
+    # gateway.transport_relay); off: every stream takes relay._pump_events.
+    transport_relay: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         origins = env_value(env, "ALLOW_ORIGINS")
+        relay = (env_value(env, "GATEWAY_TRANSPORT_RELAY") or "on").strip().lower()
+        if relay not in _SWITCH:
+            raise ValueError(f"GATEWAY_TRANSPORT_RELAY must be on or off, not {relay!r}")
         return cls(
             admin_key=env_value(env, "GATEWAY_ADMIN_KEY"),
             allow_origins=None
             if origins is None
             else tuple(o.strip() for o in origins.split(",") if o.strip()),
+            transport_relay=_SWITCH[relay],
         )
 
 

@@ -7,7 +7,7 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -15,6 +15,8 @@ from yarl import URL
 
 from gateway.config import Timeouts
 from gateway.routing import Hop, Target
+
+_T = TypeVar("_T")
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -374,6 +376,28 @@ class BodyReader:
             f"backend for model '{hop.public_id}' ({hop.backend_label}) closed the connection "
             f"before the response was complete ({exc.__class__.__name__})",
         )
+
+    async def wait(self, woken: asyncio.Future[_T]) -> _T:
+        """Wait for `woken` as `read` waits for bytes, under the same clock and with the same
+        errors: for a relay that reads the body without `read` (gateway.transport_relay),
+        whose `woken` is set when there is something to do or fails as the body would."""
+        deadline = self.deadline
+        guarded = deadline.arm(self.idle)
+        try:
+            return await woken
+        except (asyncio.CancelledError, aiohttp.ClientError, OSError) as exc:
+            error = self.failure(exc, guarded)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            if guarded:
+                deadline.disarm()
+
+    def heard(self) -> None:
+        """Bytes arrived outside `read` or `wait`: the idle clock of the wait starts again."""
+        if self.idle is not None:
+            self.deadline.arm(self.idle)
 
     async def read_all(self, into: bytearray) -> None:
         """Append the rest of the body to `into`."""

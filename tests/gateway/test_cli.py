@@ -62,6 +62,22 @@ def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_serve_refuses_an_unknown_transport_relay_switch(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.json"
+    path.write_text('{"endpoints": {"m": {"url": "http://127.0.0.1:9/v1"}}}')
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(path), "--port", str(free_port())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "GATEWAY_TRANSPORT_RELAY": "maybe"},
+    )
+    assert result.returncode == 2
+    assert "GATEWAY_TRANSPORT_RELAY must be on or off, not 'maybe'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def wait_healthy(http: aiohttp.ClientSession, url: str, process: subprocess.Popen) -> None:
     for _ in range(200):
         assert process.poll() is None, process.stderr.read()
