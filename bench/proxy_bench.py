@@ -1417,10 +1417,11 @@ def profile_gateway(
     path: Path,
     progress: Callable[[str], None],
     paced: bool = False,
+    stream: bool = False,
 ) -> dict[str, Any] | None:
-    """py-spy on the gateway during one more non-stream run at c=connections (or, `paced`,
-    one more paced phase of the longest streams). The collapsed stacks it writes
-    (`--format raw`) open in speedscope.app or flamegraph.pl as they are."""
+    """py-spy on the gateway during one more non-stream run at c=connections (`stream`: of
+    back-to-back streams; `paced`: one more paced phase of the longest streams). The collapsed
+    stacks it writes (`--format raw`) open in speedscope.app or flamegraph.pl as they are."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         print("--profile: py-spy not found (.venv/bin/pip install py-spy)", file=sys.stderr)
@@ -1432,7 +1433,7 @@ def profile_gateway(
     load = (
         f"{args.paced_streams} paced streams of {events} events"
         if paced
-        else f"requests c={args.connections}"
+        else f"{'streams' if stream else 'requests'} c={args.connections}"
     )
     progress(f"profiling the gateway for {seconds} s ({load})")
     spy = bench.procs.start(
@@ -1449,7 +1450,7 @@ def profile_gateway(
         )  # fmt: skip
         rate = paced_run.tokens_per_s
     else:
-        wrk = bench.run_wrk(proxy, stream=False, connections=args.connections, seconds=seconds)
+        wrk = bench.run_wrk(proxy, stream=stream, connections=args.connections, seconds=seconds)
         rate = wrk.rate
     try:
         _, err = spy.communicate(timeout=seconds + 30)
@@ -1781,11 +1782,12 @@ def print_report(results: dict[str, Any]) -> None:
     print(f"  errors: {sum(errors.values()) or 'none'}")
     for text, count in list(errors.items())[:8]:
         print(f"    {count} x {text}")
-    for profile in (results.get("profile"), results.get("profile_paced")):
+    for key in ("profile", "profile_stream", "profile_paced"):
+        profile = results.get(key)
         if not profile:
             continue
         print()
-        unit = "events/s" if "paced" in profile["load"] else "req/s"
+        unit = {"profile_paced": "events/s", "profile_stream": "streams/s"}.get(key, "req/s")
         print(
             f"  py-spy, gateway under {profile['load']} for {profile['seconds']} s "
             f"({fmt(profile['rps_while_profiled'], 0)} {unit} while sampled); "
@@ -2015,6 +2017,10 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(args.profile).resolve()
             if not args.paced_only:
                 results["profile"] = profile_gateway(bench, proxies["gateway"], path, progress)
+                results["profile_stream"] = profile_gateway(
+                    bench, proxies["gateway"], path.with_name(path.name + ".stream"), progress,
+                    stream=True,
+                )  # fmt: skip
             if args.paced_events:
                 results["profile_paced"] = profile_gateway(
                     bench, proxies["gateway"], path.with_name(path.name + ".paced"), progress,

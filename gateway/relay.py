@@ -275,6 +275,8 @@ class _EventRewriter:
         """What to send for the events this chunk completes."""
         if self._whole and self._splitter.empty():
             out = self._swap.whole_event(chunk)
+            if out is None:
+                out = self._whole_events(chunk)
             if out is not None:
                 record = self._record
                 if record.first_byte_at is None:
@@ -288,6 +290,23 @@ class _EventRewriter:
         if record.first_byte_at is None:
             record.first_byte_at = time.monotonic()
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _whole_events(self, chunk: bytes) -> bytes | None:
+        """Several whole plain events at once (`ModelSwap.whole_events`), their usage read as
+        `_event` reads it; None where `_event` must see them (usage to strip, or anything
+        whole_events steps aside for)."""
+        found = self._swap.whole_events(chunk)
+        if found is None:
+            return None
+        out, with_usage = found
+        if with_usage:
+            if self._strip_usage:
+                return None
+            for payload, data in with_usage:
+                usage = usage_of(payload, data)
+                if usage:
+                    self._record.prompt_tokens, self._record.completion_tokens = usage
+        return out
 
     def _event(self, event: bytes) -> bytes | None:
         swapped = self._swap.event(event)

@@ -339,6 +339,74 @@ class ModelSwap:
             return None
         return b"".join((b"data: ", data[: span[0]], value, data[span[1] :], b"\n\n"))
 
+    def whole_events(self, chunk: bytes) -> tuple[bytes, list[tuple[dict, bytes]]] | None:
+        """`whole_event` for a chunk of several whole common events (what a backend that
+        sends its events back to back gives in one read): (what to send, the payloads that
+        carry `usage` with their JSON data), or None for the general path.
+
+        Every JSON event is still parsed (an event that is not valid JSON passes unchanged),
+        but the swap is one `replace` over the whole chunk instead of a splice per event. It
+        is exact when: no backslash (no key or value is spelled with an escape, so every
+        `"model"` in the bytes is the JSON string "model"); each JSON event is an object with
+        a string `model` at its top level and no `response`; `"model"` occurs once per JSON
+        event in the chunk (so it is that top-level key, and no value nor other key is
+        spelled so); and one model, written `"model":` and its JSON, occurs as many times as
+        there are events whose model is not the public id (so it is each one's)."""
+        if chunk[:6] != b"data: " or chunk.find(b"\r") != -1 or chunk.find(b"\\") != -1:
+            return None
+        parts = chunk.split(b"\n\n")
+        if parts.pop() != b"":
+            return None
+        public_id = self._public_id
+        old: str | None = None
+        swaps = documents = 0
+        with_usage: list[tuple[dict, bytes]] = []
+        for part in parts:
+            data = part[6:]
+            if data == b"[DONE]" and part[:6] == b"data: ":
+                continue
+            payload = _plain_chunk(part, data)
+            if payload is None:
+                return None
+            model = payload["model"]
+            documents += 1
+            if model != public_id:
+                old = model
+                swaps += 1
+            if "usage" in payload:
+                with_usage.append((payload, data))
+        if chunk.count(b'"model"') != documents:
+            return None
+        if old is None:
+            return chunk, with_usage
+        out = _replace_model(chunk, old, swaps, self._value)
+        return None if out is None else (out, with_usage)
+
+
+def _replace_model(chunk: bytes, old: str, times: int, value: bytes | None) -> bytes | None:
+    """`chunk` with each `"model":` + `old` (its JSON) given `value` instead, provided it is
+    written so exactly `times` times; else None."""
+    if value is None:
+        return None
+    written = b'"model":' + orjson.dumps(old)
+    if chunk.count(written) != times:
+        return None
+    return chunk.replace(written, b'"model":' + value)
+
+
+def _plain_chunk(event: bytes, data: bytes) -> dict | None:
+    """The payload of a one-line `data: ` event (`data`, its JSON) that is a chunk with a
+    string `model` at its top level and no `response`; None for any other event."""
+    if event[:6] != b"data: " or event.find(b"\n") != -1:
+        return None
+    try:
+        payload = loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if payload.__class__ is not dict or payload.get("response") is not None:
+        return None
+    return payload if payload.get("model").__class__ is str else None
+
 
 def _rewrite_event_slowly(event: bytes, public_id: str) -> RewrittenEvent:
     """Any event: its data lines joined, parsed with json, re-encoded when the model changes."""

@@ -260,6 +260,11 @@ _RELAYED_EVENTS = [
     b'"completion_tokens":2}}\n\n',
     b'data: {"model":"real-model","response":{"model":"real-model"}}\n\n',
     b'data: {"model":"real-model","choices":[{"delta":{"model":"x"}}]}\n\n',
+    b'data: {"model":"real-model","choices":[{"delta":{"model":"real-model"}}]}\n\n',
+    b'data: {"model":"real-model","model":"real-model"}\n\n',
+    b'data: {"model": "real-model","choices":[]}\n\n',
+    b'data: {"model": "real-model","x":{"model":"real-model"}}\n\n',
+    b'data: {"model":"other-model","choices":[]}\n\n',
     b'data: {"model":"re\\u0061l","choices":[]}\n\n',
     b'data: {"model":"real-model","mod\\u0065l":"other"}\n\n',
     b'data: {"model":"real-model"}\r\n\r\n',
@@ -280,26 +285,35 @@ _chunk_events = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
-    events=st.lists(_chunk_events, max_size=6),
+    events=st.lists(_chunk_events, max_size=8),
     cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=4),
-    at_event_ends=st.booleans(),
+    shape=st.sampled_from(["per event", "grouped", "anywhere"]),
     strip_usage=st.booleans(),
 )
-@example(events=_RELAYED_EVENTS, cuts=[], at_event_ends=True, strip_usage=True)
-@example(events=_RELAYED_EVENTS, cuts=[], at_event_ends=True, strip_usage=False)
+@example(events=_RELAYED_EVENTS, cuts=[], shape="per event", strip_usage=True)
+@example(events=_RELAYED_EVENTS, cuts=[], shape="per event", strip_usage=False)
+@example(events=_RELAYED_EVENTS, cuts=[1, 3, 2], shape="grouped", strip_usage=False)
 def test_relay_whole_event_path_matches_the_general_one(
-    events: list[bytes], cuts: list[int], at_event_ends: bool, strip_usage: bool
+    events: list[bytes], cuts: list[int], shape: str, strip_usage: bool
 ) -> None:
-    """A chunk that is one whole plain event takes ModelSwap.whole_event; what the client is
-    sent, the usage read and the record are what the splitter and `_event` give."""
+    """A chunk of whole plain events takes ModelSwap.whole_event (one) or whole_events
+    (several); what the client is sent, the usage read and the record are what the splitter
+    and `_event` give."""
     from gateway.middleware import RequestRecord
     from gateway.relay import _EventRewriter
 
     stream = b"".join(events)
-    if at_event_ends:  # one event per read, as a paced stream arrives
+    if shape == "per event":  # one event per read, as a paced stream arrives
         chunks = list(events)
+    elif shape == "grouped":  # whole events, several per read, as back-to-back ones arrive
+        sizes = [1 + c % 4 for c in cuts] or [len(events)]
+        chunks, at = [], 0
+        while at < len(events):
+            size = sizes[len(chunks) % len(sizes)]
+            chunks.append(b"".join(events[at : at + size]))
+            at += size
     else:
         points = sorted({c for c in cuts if c < len(stream)} | {len(stream)})
         chunks = [stream[a:b] for a, b in zip([0, *points], points, strict=False) if b > a]
@@ -330,3 +344,33 @@ def test_relay_whole_event_path_is_taken() -> None:
     assert swap.whole_event(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
     assert swap.whole_event(event + event) is None
     assert swap.whole_event(b'data: {"model":"m","usage":null}\n\n') is None
+
+
+def test_relay_whole_events_path_is_taken() -> None:
+    """Events that arrive together take whole_events, usage included (so the test above
+    compares two paths); what it steps aside for goes to the general path."""
+    from gateway.middleware import RequestRecord
+    from gateway.relay import _EventRewriter
+
+    swap = ModelSwap("public")
+    event = b'data: {"id":"c","model":"real-model","choices":[]}\n\n'
+    usage = b'data: {"model":"real-model","usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+    mine = b'data: {"model":"public","choices":[]}\n\n'
+    chunk = event + mine + usage + b"data: [DONE]\n\n"
+    found = swap.whole_events(chunk)
+    assert found is not None
+    assert found[0] == chunk.replace(b'"real-model"', b'"public"')
+    assert [data for _, data in found[1]] == [usage[6:-2]]
+    for other in (
+        event + b'data: {"model":"other","choices":[]}\n\n',  # two upstream models
+        event + b'data: {"model":"real-model","choices":[{"model":"x"}]}\n\n',
+        event + b'data: {"model": "real-model","choices":[]}\n\n',  # spelled otherwise
+        event + b"data: {not json}\n\n",
+        event + b'data: {"model":"real-model"}\n\ndata: {"mod',  # ends inside an event
+    ):
+        assert swap.whole_events(other) is None, other
+    record = RequestRecord(request_id="r")
+    assert _EventRewriter("public", record, False).feed(chunk) == found[0]
+    assert (record.prompt_tokens, record.completion_tokens) == (3, 4)
+    stripped = _EventRewriter("public", RequestRecord(request_id="r"), True).feed(chunk)
+    assert b'"usage"' not in stripped  # the general path strips it
