@@ -47,7 +47,7 @@ from gateway.upstream import (
     upstream_url,
 )
 from wire.errors import APIError
-from wire.sse import EventTooLarge, SSESplitter
+from wire.sse import MAX_EVENT_BYTES, event_ended
 
 if TYPE_CHECKING:
     from gateway.tracing import AttemptSpan
@@ -509,16 +509,18 @@ async def prefetch(
 
 
 async def _first_event(reader: BodyReader, hop: Hop) -> tuple[bytes, bool]:
-    splitter = SSESplitter()
     head = bytearray()
     while chunk := await reader.read():
+        # A blank line may straddle two reads: search from the last 3 bytes before this one.
+        start = max(0, len(head) - 3)
         head += chunk
-        try:
-            if splitter.feed(chunk):
-                return bytes(head), reader.at_eof()
-        except EventTooLarge as exc:
-            raise UpstreamError("event_too_large", 502, str(exc)) from None
-    if splitter.pending.strip():
+        if event_ended(head, start):
+            return bytes(head), reader.at_eof()
+        if len(head) > MAX_EVENT_BYTES:
+            raise UpstreamError(
+                "event_too_large", 502, f"an SSE event exceeded {MAX_EVENT_BYTES} bytes"
+            )
+    if bytes(head).strip():
         raise UpstreamError(
             "died", 502, f"backend for model '{hop.public_id}' ended the stream inside an event"
         )

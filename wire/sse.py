@@ -17,8 +17,18 @@ def encode_data(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+# The most an event may grow to without ending (the splitter's default limit).
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+
+
 class EventTooLarge(Exception):
     """An event grew past the splitter's limit without ending."""
+
+
+def event_ended(data: bytes | bytearray, start: int = 0) -> bool:
+    """Whether an event ends in `data` (a blank line at or after `start`), for a reader
+    that only needs to know that, not the events (SSESplitter.feed builds each one)."""
+    return _EVENT_END.search(data, start) is not None
 
 
 class SSESplitter:
@@ -29,7 +39,7 @@ class SSESplitter:
     of its own (unlike `StreamReader.readline`), only `max_event_bytes`.
     """
 
-    def __init__(self, max_event_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._buffer = bytearray()
         self._scanned = 0
         self._max = max_event_bytes

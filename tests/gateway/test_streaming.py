@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from aiohttp import web
 
 from tests.gateway.backend import Received, chunk, sse, start_sse
@@ -93,6 +94,39 @@ async def test_first_event_reaches_client_before_backend_sends_second(
         rest = await read_events(response)
     assert b'"second"' in rest[0]
     assert rest[-1] == b"data: [DONE]"
+
+
+@pytest.mark.parametrize(
+    "end, cut", [(b"\n\n", 1), (b"\r\n\r\n", 1), (b"\r\n\r\n", 2), (b"\r\n\r\n", 3)]
+)
+async def test_first_event_whose_blank_line_straddles_two_reads_is_sent_at_once(
+    make_gateway, backend, http, end: bytes, cut: int
+) -> None:
+    """The first event's end arrives split over two writes, then the backend waits for the
+    client to have it: a gateway that missed the end across reads would wait for more."""
+    client_has_first = asyncio.Event()
+    first = b"data: " + json.dumps(chunk("real", "first")).encode() + end
+
+    async def handler(request: web.Request, received: Received) -> web.StreamResponse:
+        response = await start_sse(request)
+        await response.write(first[: len(first) - len(end) + cut])
+        await asyncio.sleep(0.01)  # two reads, not one (not a wait for a result)
+        await response.write(first[len(first) - len(end) + cut :])
+        await asyncio.wait_for(client_has_first.wait(), 10)
+        await response.write(b"data: [DONE]" + end)
+        return response
+
+    backend.handler = handler
+    gw = await make_gateway(config(backend))
+    async with http.post(
+        gw.url + "/v1/chat/completions", json={"model": "llama", "stream": True}
+    ) as response:
+        # A rewritten event leaves in LF framing, whatever framing it came in.
+        got = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+        assert json.loads(got[6:])["model"] == "llama"
+        client_has_first.set()
+        rest = await response.read()
+    assert rest == b"data: [DONE]" + end
 
 
 async def test_events_split_across_chunks_comments_and_crlf(make_gateway, backend, http) -> None:
