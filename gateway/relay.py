@@ -293,20 +293,21 @@ class _EventRewriter:
 
     def _whole_events(self, chunk: bytes) -> bytes | None:
         """Several whole plain events at once (`ModelSwap.whole_events`), their usage read as
-        `_event` reads it; None where `_event` must see them (usage to strip, or anything
-        whole_events steps aside for)."""
-        found = self._swap.whole_events(chunk)
+        `_event` reads it; None where whole_events steps aside. Usage the gateway asked for
+        is stripped by `_event`: from the first event that carries it (a stream's last but
+        one), the rest of the chunk takes the general path."""
+        found = self._swap.whole_events(chunk, self._strip_usage)
         if found is None:
             return None
-        out, with_usage = found
-        if with_usage:
-            if self._strip_usage:
-                return None
-            for payload, data in with_usage:
-                usage = usage_of(payload, data)
-                if usage:
-                    self._record.prompt_tokens, self._record.completion_tokens = usage
-        return out
+        out, with_usage, end = found
+        for payload, data in with_usage:
+            usage = usage_of(payload, data)
+            if usage:
+                self._record.prompt_tokens, self._record.completion_tokens = usage
+        if end == len(chunk):
+            return out
+        rest = self._splitter.feed(chunk[end:])
+        return out + b"".join(kept for event in rest if (kept := self._event(event)) is not None)
 
     def _event(self, event: bytes) -> bytes | None:
         swapped = self._swap.event(event)

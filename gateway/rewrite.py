@@ -339,48 +339,56 @@ class ModelSwap:
             return None
         return b"".join((b"data: ", data[: span[0]], value, data[span[1] :], b"\n\n"))
 
-    def whole_events(self, chunk: bytes) -> tuple[bytes, list[tuple[dict, bytes]]] | None:
+    def whole_events(
+        self, chunk: bytes, stop_at_usage: bool = False
+    ) -> tuple[bytes, list[tuple[dict, bytes]], int] | None:
         """`whole_event` for a chunk of several whole common events (what a backend that
-        sends its events back to back gives in one read): (what to send, the payloads that
-        carry `usage` with their JSON data), or None for the general path.
+        sends its events back to back gives in one read): (what to send for the events up
+        to `end`, the payloads among them that carry `usage` with their JSON data, `end`), or
+        None for the general path. `end` is the chunk's length, or with `stop_at_usage` where
+        the first event with `usage` starts (that one and the rest are the caller's).
 
         Every JSON event is still parsed (an event that is not valid JSON passes unchanged),
-        but the swap is one `replace` over the whole chunk instead of a splice per event. It
-        is exact when: no backslash (no key or value is spelled with an escape, so every
+        but the swap is one `replace` over the chunk instead of a splice per event. It is
+        exact when: no backslash (no key or value is spelled with an escape, so every
         `"model"` in the bytes is the JSON string "model"); each JSON event is an object with
         a string `model` at its top level and no `response`; `"model"` occurs once per JSON
-        event in the chunk (so it is that top-level key, and no value nor other key is
-        spelled so); and one model, written `"model":` and its JSON, occurs as many times as
-        there are events whose model is not the public id (so it is each one's)."""
+        event (so it is that top-level key, and no value nor other key is spelled so); and
+        one model, written `"model":` and its JSON, occurs as many times as there are events
+        whose model is not the public id (so it is each one's)."""
         if chunk[:6] != b"data: " or chunk.find(b"\r") != -1 or chunk.find(b"\\") != -1:
             return None
         parts = chunk.split(b"\n\n")
-        if parts.pop() != b"":
+        # Ends with an event's end, and every event is one line (no other LF in the chunk).
+        if parts.pop() != b"" or chunk.count(b"\n") != 2 * len(parts):
             return None
         public_id = self._public_id
         old: str | None = None
-        swaps = documents = 0
+        swaps = documents = end = 0
         with_usage: list[tuple[dict, bytes]] = []
         for part in parts:
             data = part[6:]
-            if data == b"[DONE]" and part[:6] == b"data: ":
-                continue
-            payload = _plain_chunk(part, data)
-            if payload is None:
-                return None
-            model = payload["model"]
-            documents += 1
-            if model != public_id:
-                old = model
-                swaps += 1
-            if "usage" in payload:
-                with_usage.append((payload, data))
-        if chunk.count(b'"model"') != documents:
+            if data != b"[DONE]" or part[:6] != b"data: ":
+                payload = _plain_chunk(part, data)
+                if payload is None:
+                    return None
+                if "usage" in payload:
+                    if stop_at_usage:
+                        break
+                    with_usage.append((payload, data))
+                documents += 1
+                if payload["model"] != public_id:
+                    old = payload["model"]
+                    swaps += 1
+            end += len(part) + 2
+        out = self._swapped(chunk if end == len(chunk) else chunk[:end], documents, old, swaps)
+        return None if out is None else (out, with_usage, end)
+
+    def _swapped(self, events: bytes, documents: int, old: str | None, swaps: int) -> bytes | None:
+        """whole_events' swap, where the counts prove it exact."""
+        if events.count(b'"model"') != documents:
             return None
-        if old is None:
-            return chunk, with_usage
-        out = _replace_model(chunk, old, swaps, self._value)
-        return None if out is None else (out, with_usage)
+        return events if old is None else _replace_model(events, old, swaps, self._value)
 
 
 def _replace_model(chunk: bytes, old: str, times: int, value: bytes | None) -> bytes | None:
@@ -395,9 +403,9 @@ def _replace_model(chunk: bytes, old: str, times: int, value: bytes | None) -> b
 
 
 def _plain_chunk(event: bytes, data: bytes) -> dict | None:
-    """The payload of a one-line `data: ` event (`data`, its JSON) that is a chunk with a
+    """The payload of a `data: ` event of one line (`data`, its JSON) that is a chunk with a
     string `model` at its top level and no `response`; None for any other event."""
-    if event[:6] != b"data: " or event.find(b"\n") != -1:
+    if event[:6] != b"data: ":
         return None
     try:
         payload = loads(data)

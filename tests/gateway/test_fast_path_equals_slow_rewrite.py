@@ -361,6 +361,9 @@ def test_relay_whole_events_path_is_taken() -> None:
     assert found is not None
     assert found[0] == chunk.replace(b'"real-model"', b'"public"')
     assert [data for _, data in found[1]] == [usage[6:-2]]
+    assert found[2] == len(chunk)
+    head = swap.whole_events(chunk, stop_at_usage=True)
+    assert head == ((event + mine).replace(b'"real-model"', b'"public"'), [], len(event + mine))
     for other in (
         event + b'data: {"model":"other","choices":[]}\n\n',  # two upstream models
         event + b'data: {"model":"real-model","choices":[{"model":"x"}]}\n\n',
@@ -372,5 +375,8 @@ def test_relay_whole_events_path_is_taken() -> None:
     record = RequestRecord(request_id="r")
     assert _EventRewriter("public", record, False).feed(chunk) == found[0]
     assert (record.prompt_tokens, record.completion_tokens) == (3, 4)
-    stripped = _EventRewriter("public", RequestRecord(request_id="r"), True).feed(chunk)
+    record = RequestRecord(request_id="r")
+    stripped = _EventRewriter("public", record, True).feed(chunk)
     assert b'"usage"' not in stripped  # the general path strips it
+    assert stripped.startswith(head[0]) and stripped.endswith(b"data: [DONE]\n\n")
+    assert (record.prompt_tokens, record.completion_tokens) == (3, 4)
