@@ -8,6 +8,7 @@ whole run takes a few minutes on two cores. It prints figures; it asserts nothin
 
     .venv/bin/python bench/routing_sim.py            # every workload, every policy
     .venv/bin/python bench/routing_sim.py --quick    # fewer sessions, for a smoke run
+    .venv/bin/python bench/routing_sim.py --workloads chats --cache-tokens 24576  # cache-pressured
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ CHARS_PER_TOKEN = 4
 
 @dataclass
 class ReplicaModel:
-    cache_tokens: int = 24_576
+    cache_tokens: int = 24_576  # set per workload on /reset: see CACHE_TOKENS
     max_batch: int = 8
     prefill_s_per_token: float = 100e-6  # 10k tokens/s: a 2k-token prompt costs 200 ms
     decode_base_s: float = 0.008
@@ -82,6 +83,10 @@ class Replica:
             "hit_tokens": 0,
             "busy_s": 0.0,
             "jobs": [],
+            # /metrics answers, and those reading KV usage over the gateway's default
+            # maxKvUsage (0.95): how often the saturation filter could leave this one out.
+            "scrapes": 0,
+            "kv_over": 0,
         }
 
     @staticmethod
@@ -130,6 +135,8 @@ class Replica:
             began = time.monotonic()
             admitted = []
             while self.waiting and len(self.running) < m.max_batch:
+                if self.running and not self.fits(self.waiting[0]):
+                    break  # as vLLM's scheduler: the head of the queue waits for KV blocks
                 job = self.waiting.pop(0)
                 step += self.admit(job)
                 job.left = m.output_tokens
@@ -148,8 +155,25 @@ class Replica:
                 self.running.remove(job)
                 job.done.set()
 
+    def held_blocks(self) -> int:
+        """KV blocks the running requests hold: their prompts' (shared ones once) and their
+        output's so far."""
+        held = {b for job in self.running for b in job.blocks}
+        decoded = sum(-(-(self.model.output_tokens - job.left) // 16) for job in self.running)
+        return len(held) + decoded
+
+    def fits(self, job: Job) -> bool:
+        """Whether `job`'s prompt and output fit in the KV blocks the running requests leave:
+        an engine runs no more than its KV cache holds (the fake used to, and read over 100 %)."""
+        held = {b for j in self.running for b in j.blocks}
+        new = sum(b not in held for b in job.blocks) + -(-self.model.output_tokens // 16)
+        return self.held_blocks() + new <= self.model.cache_tokens // 16
+
     def kv_usage(self) -> float:
-        return len(self.cache) * 16 / self.model.cache_tokens
+        """As vLLM counts it: the blocks the running requests hold. Cached blocks no request
+        holds are free to vLLM (evictable), so a full prefix cache is not a full KV cache;
+        counting them would read every warm replica as saturated (> maxKvUsage)."""
+        return self.held_blocks() * 16 / self.model.cache_tokens
 
 
 def replica_app(model: ReplicaModel) -> web.Application:
@@ -181,10 +205,13 @@ def replica_app(model: ReplicaModel) -> web.Application:
         return response
 
     async def metrics(_: web.Request) -> web.Response:
+        kv = replica.kv_usage()
+        replica.stats["scrapes"] += 1
+        replica.stats["kv_over"] += kv > 0.95
         lines = [
             f'vllm:num_requests_running{{engine="0"}} {len(replica.running)}',
             f'vllm:num_requests_waiting{{engine="0"}} {len(replica.waiting)}',
-            f'vllm:kv_cache_usage_perc{{engine="0"}} {replica.kv_usage():.4f}',
+            f'vllm:kv_cache_usage_perc{{engine="0"}} {kv:.4f}',
             f'vllm:cache_config_info{{block_size="16",num_gpu_blocks="{model.cache_tokens // 16}"}}'
             " 1.0",
             f"vllm:prefix_cache_queries_total {replica.stats['prompt_tokens']}",
@@ -202,9 +229,13 @@ def replica_app(model: ReplicaModel) -> web.Application:
     async def stats(_: web.Request) -> web.Response:
         return web.json_response(replica.stats)
 
-    async def reset(_: web.Request) -> web.Response:
+    async def reset(request: web.Request) -> web.Response:
+        """Empty the cache and the counters; a body's `cache_tokens` resizes the cache."""
+        body = await request.json() if request.can_read_body else {}
+        if "cache_tokens" in body:
+            model.cache_tokens = int(body["cache_tokens"])
         replica.reset()
-        return web.json_response({})
+        return web.json_response({"cache_tokens": model.cache_tokens})
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "sim", "object": "model"}]})
@@ -294,6 +325,24 @@ def workload(name: str, scale: float, seed: int) -> list[Conversation]:
             )
     return out
 
+
+# Each replica's prefix-cache size per workload (--cache-tokens overrides it), chosen for the
+# regime cache-aware routing is for: the fleet can hold the live working set, one replica
+# cannot, so where a request goes decides whether its prefix is cached. A real vLLM replica
+# (an 8B model on an 80 GB GPU) holds ~300-400k tokens and serves proportionally more
+# sessions than this simulation; the ratios are what is modelled, not the absolute size.
+CACHE_TOKENS = {
+    # 48 histories of 2.7-5.7k tokens: ~172k distinct tokens over the whole run (the blocks of
+    # every request, summed from workload()). 4 x 49,152 = 196,608 holds them all; one replica
+    # holds under a third. At 24,576 (4 x 24k = 98k) the fleet cannot, and over a tenth of
+    # the requests are capacity misses whatever the routing (the cache-pressured variant).
+    "chats": 49_152,
+    # 6 documents of ~7k tokens: 42k, more than one replica holds; the fleet's 98k holds all.
+    "documents": 24_576,
+    # Nothing shared: the size changes nothing but the system prompts' reuse (none).
+    "unshared": 24_576,
+}
+BURST_CACHE_TOKENS = 24_576
 
 # -- the client side ------------------------------------------------------------------------
 
@@ -433,14 +482,33 @@ async def run_one(
         "long_misses": sum(j[2] > LONG_MISS for j in jobs) / max(1, len(jobs)),
         "found_full": sum(j[3] for j in jobs) / max(1, len(jobs)),
         "utilisation": statistics.mean(busy) / result.seconds,
+        "kv_over": sum(s["kv_over"] for s in stats) / max(1, sum(s["scrapes"] for s in stats)),
     }
+
+
+async def set_cache_tokens(
+    http: aiohttp.ClientSession, gateway: str, replicas: list[str], tokens: int
+) -> None:
+    """Resize every replica's cache, then wait until the gateway's cache-aware route has read
+    the new size from vllm:cache_config_info (its index parts are bounded by it)."""
+    for url in replicas:
+        async with http.post(f"{url}/reset", json={"cache_tokens": tokens}) as r:
+            await r.read()
+    deadline = time.monotonic() + 15
+    while True:
+        async with http.get(f"{gateway}/debug") as r:
+            seen = (await r.json())["routing"].get("sim-ca", {})
+        sizes = [b["cacheTokens"] for k, b in seen.items() if isinstance(b, dict)]
+        if len(sizes) == len(replicas) and all(size == tokens for size in sizes):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway reads cache sizes {sizes}, not {tokens}")
+        await asyncio.sleep(0.1)
 
 
 async def burst(http: aiohttp.ClientSession, gateway: str, replicas: list[str]) -> list[int]:
     """64 simultaneous first turns sharing one system prompt, through cache-aware."""
-    for url in replicas:
-        async with http.post(f"{url}/reset") as r:
-            await r.read()
+    await set_cache_tokens(http, gateway, replicas, BURST_CACHE_TOKENS)
     rng = random.Random(99)
     system = words(rng, 6_000)
     convs = [Conversation(0.0, [words(rng, 400)], system, f"burst-{i}", 0.0) for i in range(64)]
@@ -464,13 +532,17 @@ def gateway_config(replicas: list[str], cache_aware: dict[str, Any]) -> dict[str
     return {"endpoints": endpoints, "retries": 0, "queueTimeout": 60}
 
 
-def print_table(name: str, rows: list[dict[str, Any]]) -> None:
+def print_table(name: str, rows: list[dict[str, Any]], cache_tokens: int, replicas: int) -> None:
     # A policy left out (--policies) leaves its ratios out too: the first row stands in.
     by_name = {r["policy"]: r for r in rows}
     oracle = by_name.get("oracle", rows[0])["hit_tokens"] or 1
     rr = by_name.get("round-robin", rows[0])
     lb = by_name.get("least-busy", rows[0])
     print(f"\n## {name}")
+    print(
+        f"prefix cache: {cache_tokens:,} tokens per replica, {cache_tokens * replicas:,} in all "
+        f"({replicas} replicas)\n"
+    )
     print(
         "| policy | hit rate | of oracle's hits | max/mean load | TTFT p50 ms | TTFT p90 ms "
         "| p90 vs round robin | p90 vs least-busy | tok/s | vs least-busy | errors |"
@@ -486,15 +558,19 @@ def print_table(name: str, rows: list[dict[str, Any]]) -> None:
     print(
         f"\nwhere the tail comes from (requests around the p90: median time queued before their "
         f"step and of the step itself, uncached tokens; requests with > {LONG_MISS:,} uncached "
-        "tokens; requests that found the batch full; mean replica utilisation)"
+        "tokens; requests that found the batch full; mean replica utilisation; /metrics "
+        "scrapes reading KV usage > 95 %, which the saturation filter acts on)"
     )
-    print("| policy | queued ms | step ms | uncached | long misses | found batch full | busy |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| policy | queued ms | step ms | uncached | long misses | found batch full | busy "
+        "| KV > 95 % |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['policy']} | {r['tail_queued'] * 1e3:.0f} | {r['tail_step'] * 1e3:.0f} "
             f"| {r['tail_uncached']:.0f} | {r['long_misses']:.1%} | {r['found_full']:.1%} "
-            f"| {r['utilisation']:.0%} |"
+            f"| {r['utilisation']:.0%} | {r['kv_over']:.1%} |"
         )
 
 
@@ -503,6 +579,8 @@ async def simulate(args: argparse.Namespace, gateway: str, replicas: list[str]) 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
         for name in args.workloads:
+            tokens = args.cache_tokens or CACHE_TOKENS[name]
+            await set_cache_tokens(http, gateway, replicas, tokens)
             rows = []
             for policy in args.policies:
                 convs = workload(name, args.scale, seed=zlib.crc32(name.encode()))
@@ -512,7 +590,7 @@ async def simulate(args: argparse.Namespace, gateway: str, replicas: list[str]) 
                     c.system = salt + c.system
                 rows.append(await run_one(http, gateway, replicas, policy, convs))
                 print(f"  {name} / {policy}: done", file=sys.stderr, flush=True)
-            print_table(name, rows)
+            print_table(name, rows, tokens, len(replicas))
         spread = await burst(http, gateway, replicas)
         share = 64 / len(replicas)
         print(
@@ -533,6 +611,15 @@ def main(argv: list[str] | None = None) -> int:
         "--policies", nargs="+", default=list(POLICIES), choices=POLICIES, metavar="NAME"
     )
     parser.add_argument(
+        "--cache-tokens",
+        type=int,
+        metavar="N",
+        help="every replica's prefix-cache size in tokens, for every workload (default: per "
+        "workload, "
+        + ", ".join(f"{k} {v:,}" for k, v in CACHE_TOKENS.items())
+        + "; see CACHE_TOKENS for why)",
+    )
+    parser.add_argument(
         "--cache-aware",
         default="{}",
         metavar="JSON",
@@ -545,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.scale = 0.3
+    if args.cache_tokens is not None and args.cache_tokens < 16:
+        parser.error("--cache-tokens: at least one 16-token block")
     children = Children()
     try:
         replicas = []
