@@ -454,12 +454,15 @@ async def run_one(
         async with http.post(f"{url}/reset") as r:
             await r.read()
     result = Result()
+    decided = await routing_decisions(http, gateway)
     t0 = time.monotonic()
     await asyncio.gather(
         *(run_conversation(http, gateway, policy, replicas, c, t0, result) for c in convs)
     )
     result.seconds = time.monotonic() - t0
     stats = await replica_stats(http, replicas)
+    after = await routing_decisions(http, gateway)
+    decided = {reason: after[reason] - decided.get(reason, 0) for reason in after}
     prompt = sum(s["prompt_tokens"] for s in stats)
     hits = sum(s["hit_tokens"] for s in stats)
     busy = [s["busy_s"] for s in stats]
@@ -483,7 +486,20 @@ async def run_one(
         "found_full": sum(j[3] for j in jobs) / max(1, len(jobs)),
         "utilisation": statistics.mean(busy) / result.seconds,
         "kv_over": sum(s["kv_over"] for s in stats) / max(1, sum(s["scrapes"] for s in stats)),
+        "decisions": {k: v for k, v in decided.items() if v} if policy == "cache-aware" else {},
     }
+
+
+async def routing_decisions(http: aiohttp.ClientSession, gateway: str) -> dict[str, int]:
+    """The cache-aware route's gateway_routing_decisions_total by reason, so far."""
+    async with http.get(f"{gateway}/metrics") as r:
+        text = await r.text()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith('gateway_routing_decisions_total{model="sim-ca"'):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = int(float(line.rsplit(" ", 1)[1]))
+    return out
 
 
 async def set_cache_tokens(
@@ -572,6 +588,10 @@ def print_table(name: str, rows: list[dict[str, Any]], cache_tokens: int, replic
             f"| {r['tail_uncached']:.0f} | {r['long_misses']:.1%} | {r['found_full']:.1%} "
             f"| {r['utilisation']:.0%} | {r['kv_over']:.1%} |"
         )
+    for r in rows:
+        if r["decisions"]:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["decisions"].items()))
+            print(f"\ncache-aware's decisions (gateway_routing_decisions_total): {reasons}")
 
 
 async def simulate(args: argparse.Namespace, gateway: str, replicas: list[str]) -> None:

@@ -246,7 +246,15 @@ class CacheAwarePolicy:
         """A backend that would answer sooner than `preferred`, if one would by more than
         `prefillSlack` tokens: the estimated wait is the prefill queued ahead there (our
         requests that have not answered yet) plus this request's own uncached prefill, as
-        Dynamo's KV router weighs them. Only backends the guard allows compete."""
+        Dynamo's KV router weighs them. Only backends the guard allows compete.
+
+        A move also copies what `preferred` holds of the request to a second cache, where it
+        evicts as much of what that cache holds, which some later request prefills again: so
+        the tokens a backend would have to copy count twice, once as this request's prefill
+        and once as that later one's. A short history moves past a long prefill; a long
+        shared document stays where it is held unless the queue there is longer than copying
+        it twice (at 24k-token caches, moving documents off their replica lost a tenth of the
+        fleet's hits in bench/routing_sim.py's workload (b))."""
         if fleet.imbalanced(settings):
             low = fleet.loads[fleet.by_load[0].key]
             allowed = [t for t in fleet.candidates if fleet.loads[t.key] == low]
@@ -254,14 +262,18 @@ class CacheAwarePolicy:
             bound = fleet.bound(settings)
             allowed = [t for t in fleet.candidates if fleet.loads[t.key] <= bound]
 
-        def wait(t: Target) -> int:
-            return backends.state(t).prefill_tokens + decision.uncached(t)
+        mine = backends.state(preferred).prefill_tokens + decision.uncached(preferred)
+        copied = decision.tokens - decision.uncached(preferred)  # what preferred holds of it
 
-        mine = wait(preferred)
-        best, best_wait = None, mine - settings.prefill_slack
+        def cost(t: Target) -> int:
+            uncached = decision.uncached(t)
+            copy = max(0, copied - (decision.tokens - uncached))  # held there too: no copy
+            return backends.state(t).prefill_tokens + uncached + copy
+
+        best, best_cost = None, mine - settings.prefill_slack
         for t in allowed:
-            if t is not preferred and wait(t) < best_wait:
-                best, best_wait = t, wait(t)
+            if t is not preferred and cost(t) < best_cost:
+                best, best_cost = t, cost(t)
         return best
 
     def _within_bounds(self, target: Target, fleet: _Fleet, settings: Settings) -> bool:

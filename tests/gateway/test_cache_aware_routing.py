@@ -237,6 +237,41 @@ async def test_a_turn_avoids_a_replica_busy_with_a_long_prefill(
     assert all(s.prefill_tokens == 0 and s.in_flight == 0 for s in states)
 
 
+@pytest.mark.parametrize("queued_words", [800, 3_000])
+async def test_a_long_shared_document_stays_where_it_is_held_unless_the_queue_is_longer(
+    make_gateway, make_backend, http, queued_words: int
+) -> None:
+    """A question about a ~2.6k-token document held at home, while ~4k tokens of another
+    prompt are prefilling there: moving would copy the document into a second cache (and
+    evict as much), so it stays; behind ~15k tokens it moves (the copy counts twice)."""
+    backends = [await make_backend() for _ in range(3)]
+    hold = HoldMarked("HOLD-ME")
+    for b in backends:
+        b.handler = hold
+    gw = await make_gateway(config(*backends))
+    client = gw.openai()
+    document = "shared document text " * 500
+    await client.chat.completions.create(model="m", messages=chat("q1", system=document))
+    home = chats(backends).index(1)
+    long = asyncio.create_task(
+        client.chat.completions.create(
+            model="m",
+            messages=chat("HOLD-ME " + "a long new question " * queued_words, system=document),
+        )
+    )
+    await until(lambda: hold.held == 1, what="the long prompt at the document's replica")
+    assert chats(backends)[home] == 2
+    before = chats(backends)
+    await client.chat.completions.create(model="m", messages=chat("q2", system=document))
+    moved = [a - b for a, b in zip(chats(backends), before, strict=True)]
+    hold.open.set()
+    await long
+    if queued_words == 800:
+        assert moved[home] == 1, moved
+    else:
+        assert moved[home] == 0 and sum(moved) == 1, moved
+
+
 def test_the_prefill_estimate_is_released_on_every_path() -> None:
     """Answered (first event) or ended any other way (failure, client gone), once."""
     backends = Backends()
