@@ -83,6 +83,22 @@ def completion_body(model: str) -> bytes:
     return json.dumps(payload, separators=_COMPACT).encode()
 
 
+def chat_request_body(model: str, stream: bool) -> bytes:
+    """The benches' request: a short chat, answered with `STREAM_EVENTS` events when streamed."""
+    return json.dumps(
+        {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Say hello in one sentence."},
+            ],
+            "max_tokens": 64,
+            "stream": stream,
+        },
+        separators=_COMPACT,
+    ).encode()
+
+
 def stream_events(model: str, count: int) -> list[bytes]:
     """`count` SSE chunk events of about 250 bytes each (the last one finishes, with usage)."""
     events = []

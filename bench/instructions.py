@@ -33,7 +33,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HOST, free_port
+from common import HOST, chat_request_body, free_port
 from gateway_bench import (
     BACKEND_KEY,
     PUBLIC_MODEL,
@@ -48,25 +48,9 @@ BARE_PROXY = ROOT / "bench" / "bare_proxy.py"
 KINDS = ("request", "stream")
 
 
-def request_body(stream: bool) -> bytes:
-    """proxy_bench's body: a short chat, 20 events when streamed."""
-    return json.dumps(
-        {
-            "model": PUBLIC_MODEL,
-            "messages": [
-                {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "Say hello in one sentence."},
-            ],
-            "max_tokens": 64,
-            "stream": stream,
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
 async def drive(port: int, count: int, stream: bool, concurrency: int) -> None:
     """Exactly `count` requests, `concurrency` at a time, each read to its end."""
-    body = request_body(stream)
+    body = chat_request_body(PUBLIC_MODEL, stream)
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-client"}
     url = f"http://{HOST}:{port}/v1/chat/completions"
     left = count

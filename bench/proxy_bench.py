@@ -72,6 +72,7 @@ from common import (
     STAMP_MARK,
     STREAM_EVENTS,
     HoldResult,
+    chat_request_body,
     free_port,
     median,
     percentile,
@@ -299,18 +300,7 @@ class Proxy:
     cpus: str = ""  # its pinning, for the report
 
     def request_body(self, stream: bool) -> bytes:
-        return json.dumps(
-            {
-                "model": self.model,
-                "messages": [
-                    {"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": "Say hello in one sentence."},
-                ],
-                "max_tokens": 64,
-                "stream": stream,
-            },
-            separators=(",", ":"),
-        ).encode()
+        return chat_request_body(self.model, stream)
 
     def headers(self) -> dict[str, str]:
         return {

@@ -319,15 +319,10 @@ class ModelSwap:
         data = chunk[6:-2]
         if data == b"[DONE]":
             return chunk
-        try:
-            payload = loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+        payload = _plain_chunk(chunk, data)
+        if payload is None:
             return None
-        if payload.__class__ is not dict or payload.get("response") is not None:
-            return None
-        model = payload.get("model")
-        if model.__class__ is not str:
-            return None
+        model = payload["model"]
         if model == self._public_id:
             return chunk
         value = self._value
