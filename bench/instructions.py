@@ -6,8 +6,9 @@ move with the machine's load.
 
 The CPU figures of proxy_bench.py move by 10-20 % from run to run on these shared 2-core
 machines, which hides a cut of a few percent. valgrind's callgrind counts the instructions a
-process executes instead: the same count, within about 0.1 %, for the same code and inputs,
-whatever else the machine is doing (PYTHONHASHSEED is fixed for that). Each proxy runs under
+process executes instead: the same count for the same code and inputs, within about 1 % from
+one start to the next (0.1 % within one process), whatever else the machine is doing
+(PYTHONHASHSEED is fixed for that). Each proxy runs under
 callgrind with instrumentation off (so start-up is fast and not counted); after a warm-up,
 instrumentation is switched on for exactly `--requests` non-stream requests, then as many
 20-event streams, `--concurrency` at a time, and the totals are read from callgrind's dumps.
