@@ -262,7 +262,6 @@ class CacheAwarePolicy:
             bound = fleet.bound(settings)
             allowed = [t for t in fleet.candidates if fleet.loads[t.key] <= bound]
 
-        mine = backends.state(preferred).prefill_tokens + decision.uncached(preferred)
         copied = decision.tokens - decision.uncached(preferred)  # what preferred holds of it
 
         def cost(t: Target) -> int:
@@ -270,10 +269,12 @@ class CacheAwarePolicy:
             copy = max(0, copied - (decision.tokens - uncached))  # held there too: no copy
             return backends.state(t).prefill_tokens + uncached + copy
 
-        best, best_cost = None, mine - settings.prefill_slack
+        best, best_cost = None, cost(preferred) - settings.prefill_slack
         for t in allowed:
-            if t is not preferred and cost(t) < best_cost:
-                best, best_cost = t, cost(t)
+            if t is not preferred:
+                theirs = cost(t)
+                if theirs < best_cost:
+                    best, best_cost = t, theirs
         return best
 
     def _within_bounds(self, target: Target, fleet: _Fleet, settings: Settings) -> bool:

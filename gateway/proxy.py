@@ -47,7 +47,7 @@ from gateway.upstream import (
     upstream_url,
 )
 from wire.errors import APIError
-from wire.sse import MAX_EVENT_BYTES, event_ended
+from wire.sse import MAX_EVENT_BYTES, EventTooLarge, event_ended
 
 if TYPE_CHECKING:
     from gateway.tracing import AttemptSpan
@@ -517,10 +517,8 @@ async def _first_event(reader: BodyReader, hop: Hop) -> tuple[bytes, bool]:
         if event_ended(head, start):
             return bytes(head), reader.at_eof()
         if len(head) > MAX_EVENT_BYTES:
-            raise UpstreamError(
-                "event_too_large", 502, f"an SSE event exceeded {MAX_EVENT_BYTES} bytes"
-            )
-    if bytes(head).strip():
+            raise UpstreamError("event_too_large", 502, str(EventTooLarge(MAX_EVENT_BYTES)))
+    if head.strip():
         raise UpstreamError(
             "died", 502, f"backend for model '{hop.public_id}' ended the stream inside an event"
         )

@@ -301,9 +301,7 @@ class _EventRewriter:
             return None
         out, with_usage, end = found
         for payload, data in with_usage:
-            usage = usage_of(payload, data)
-            if usage:
-                self._record.prompt_tokens, self._record.completion_tokens = usage
+            self._note_usage(payload, data)
         if end == len(chunk):
             return out
         rest = self._splitter.feed(chunk[end:])
@@ -322,12 +320,15 @@ class _EventRewriter:
         # (find, not `in`: see rewrite._model_value).
         if payload is None or (source.find(b'"usage"') == -1 and source.find(b"\\") == -1):
             return data
-        usage = usage_of(payload, source)
-        if usage:
-            self._record.prompt_tokens, self._record.completion_tokens = usage
+        self._note_usage(payload, source)
         if self._strip_usage and payload.__class__ is dict and "usage" in payload:
             return _without_usage(RewrittenEvent(data, payload, source), self._public_id)
         return data
+
+    def _note_usage(self, payload: Any, source: bytes) -> None:
+        usage = usage_of(payload, source)
+        if usage:
+            self._record.prompt_tokens, self._record.completion_tokens = usage
 
     def _created(self, payload: Any) -> None:
         """`response.created`, the first event of a Responses API stream, names the object."""

@@ -362,8 +362,8 @@ class ModelSwap:
         swaps = documents = end = 0
         with_usage: list[tuple[dict, bytes]] = []
         for part in parts:
-            data = part[6:]
-            if data != b"[DONE]" or part[:6] != b"data: ":
+            if part != b"data: [DONE]":
+                data = part[6:]
                 payload = _plain_chunk(part, data)
                 if payload is None:
                     return None

@@ -24,6 +24,9 @@ MAX_EVENT_BYTES = 64 * 1024 * 1024
 class EventTooLarge(Exception):
     """An event grew past the splitter's limit without ending."""
 
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an SSE event exceeded {limit} bytes")
+
 
 def event_ended(data: bytes | bytearray, start: int = 0) -> bool:
     """Whether an event ends in `data` (a blank line at or after `start`), for a reader
@@ -55,7 +58,7 @@ class SSESplitter:
                 self._buffer += rest
                 self._scanned = len(rest)
                 if self._scanned > self._max:
-                    raise EventTooLarge(f"an SSE event exceeded {self._max} bytes")
+                    raise EventTooLarge(self._max)
             return [part + b"\n\n" for part in parts]
         self._buffer += chunk
         events: list[bytes] = []
@@ -72,7 +75,7 @@ class SSESplitter:
             del self._buffer[:start]
         self._scanned = len(self._buffer)
         if self._scanned > self._max:
-            raise EventTooLarge(f"an SSE event exceeded {self._max} bytes")
+            raise EventTooLarge(self._max)
         return events
 
     def empty(self) -> bool:
