@@ -50,6 +50,7 @@ from common import (
     INTERVAL_HEADER,
     STREAM_EVENTS,
     HoldResult,
+    chat_request_body,
     completion_body,
     free_port,
     median,
@@ -64,7 +65,6 @@ PUBLIC_MODEL = "bench"
 UPSTREAM_MODEL = "real-model"
 BACKEND_KEY = "sk-bench-key-000000"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_COMPACT = (",", ":")
 _LINE_NUMBER = re.compile(r":\d+\)$")
 
 
@@ -192,18 +192,7 @@ class Target:
     expect: bytes  # what a correct answer must carry: the model the client asked for
 
     def request(self, stream: bool, extra_headers: dict[str, str] | None = None) -> bytes:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": [
-                    {"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": "Say hello in one sentence."},
-                ],
-                "max_tokens": 64,
-                "stream": stream,
-            },
-            separators=_COMPACT,
-        ).encode()
+        body = chat_request_body(self.model, stream)
         key = BACKEND_KEY if self.name == "direct" else "sk-client-key-000000"
         headers = {
             "Host": f"{HOST}:{self.port}",

@@ -454,15 +454,18 @@ async def run_one(
         async with http.post(f"{url}/reset") as r:
             await r.read()
     result = Result()
-    decided = await routing_decisions(http, gateway)
+    # Only cache-aware's route makes routing decisions worth counting.
+    counted = policy == "cache-aware"
+    decided = await routing_decisions(http, gateway) if counted else {}
     t0 = time.monotonic()
     await asyncio.gather(
         *(run_conversation(http, gateway, policy, replicas, c, t0, result) for c in convs)
     )
     result.seconds = time.monotonic() - t0
     stats = await replica_stats(http, replicas)
-    after = await routing_decisions(http, gateway)
-    decided = {reason: after[reason] - decided.get(reason, 0) for reason in after}
+    if counted:
+        after = await routing_decisions(http, gateway)
+        decided = {reason: after[reason] - decided.get(reason, 0) for reason in after}
     prompt = sum(s["prompt_tokens"] for s in stats)
     hits = sum(s["hit_tokens"] for s in stats)
     busy = [s["busy_s"] for s in stats]
@@ -486,7 +489,7 @@ async def run_one(
         "found_full": sum(j[3] for j in jobs) / max(1, len(jobs)),
         "utilisation": statistics.mean(busy) / result.seconds,
         "kv_over": sum(s["kv_over"] for s in stats) / max(1, sum(s["scrapes"] for s in stats)),
-        "decisions": {k: v for k, v in decided.items() if v} if policy == "cache-aware" else {},
+        "decisions": {k: v for k, v in decided.items() if v},
     }
 
 
