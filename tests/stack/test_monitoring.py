@@ -119,6 +119,10 @@ def test_promtool_rejects_a_broken_rule(tmp_path) -> None:
 # --- a real Prometheus scraping the real gateway ------------------------------------------------
 
 
+class NotReady(Exception):
+    """Prometheus listens before its storage is ready, and answers 503 until it is."""
+
+
 class Prometheus:
     """Debian's prometheus on loopback, scraping every second and evaluating the shipped rules."""
 
@@ -165,6 +169,8 @@ class Prometheus:
 
     async def query(self, http: aiohttp.ClientSession, expr: str) -> list[dict[str, Any]]:
         async with http.get(self.url + "/api/v1/query", params={"query": expr}) as response:
+            if response.status == 503:
+                raise NotReady(await response.text())
             body = await response.json()
         assert body["status"] == "success", (expr, body)
         return body["data"]["result"]
@@ -176,7 +182,7 @@ class Prometheus:
             assert self._process is not None and self._process.poll() is None, self.log()
             try:
                 found = await check()
-            except aiohttp.ClientConnectionError:
+            except (aiohttp.ClientConnectionError, NotReady):
                 found = None
             if found:
                 return found
