@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.rewrite import rewrite_event
-from wire.sse import EventTooLarge, SSESplitter
+from wire.sse import EVENT_END, EventTooLarge, SSESplitter, event_end, event_ended
 
 EVENTS = [
     b"data: " + json.dumps({"model": "real", "n": i, "text": "\u00e9\u4e2d"}).encode() + b"\n\n"
@@ -105,3 +105,29 @@ def test_fast_path_rewrites_exactly_like_a_full_parse(prefix, model, rest, compa
     usage = payload.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
         assert out.payload is not None  # usage events are parsed, so tokens are counted
+
+
+@given(
+    st.lists(st.sampled_from([b"\n", b"\r", b"x", b"\r\n", b"\n\n"]), max_size=30).map(b"".join),
+    st.integers(min_value=0, max_value=40),
+)
+def test_event_end_finds_what_the_terminator_pattern_finds(data: bytes, start: int) -> None:
+    match = EVENT_END.search(data, start)
+    assert event_end(data, start) == (-1 if match is None else match.end())
+    assert event_end(bytearray(data), start) == event_end(data, start)
+    assert event_ended(data, start) is (match is not None)
+
+
+@given(st.lists(st.sampled_from([b"\n", b"\r", b"x", b"\r\n", b"data: 1"]), max_size=40))
+def test_split_events_end_where_the_terminator_pattern_ends_them(pieces: list[bytes]) -> None:
+    """Fed piece by piece (the buffered path, as soon as a piece holds a CR), the events
+    are the pattern's leftmost matches, one after another."""
+    stream = b"".join(pieces)
+    splitter = SSESplitter()
+    events = [event for piece in pieces for event in splitter.feed(piece)]
+    expected, start = [], 0
+    while (match := EVENT_END.search(stream, start)) is not None:
+        expected.append(stream[start : match.end()])
+        start = match.end()
+    assert events == expected
+    assert splitter.pending == stream[start:]
