@@ -13,7 +13,14 @@ _COMPACT = (",", ":")
 
 
 def dumps(payload: Any) -> bytes:
-    return json.dumps(payload, separators=_COMPACT, ensure_ascii=False).encode()
+    """Compact JSON in UTF-8. A lone surrogate (which JSON may spell, `\\ud800`, and Python's
+    json reads, from that or from UTF-8 bytes encoding one) has no UTF-8: such a document is
+    written with every non-ASCII character escaped, which any JSON reader reads the same."""
+    text = json.dumps(payload, separators=_COMPACT, ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(payload, separators=_COMPACT).encode()
 
 
 def loads(data: bytes) -> Any:
