@@ -9,6 +9,9 @@ from typing import Any
 
 import orjson
 
+from gateway.chunk_template import ChunkTemplate
+from gateway.chunk_template import learn as learn_template
+
 _COMPACT = (",", ":")
 
 
@@ -287,11 +290,14 @@ class ModelSwap:
     """`rewrite_event`'s fast path for one stream: the public id's JSON is encoded once per
     stream, and no RewrittenEvent is made per event."""
 
-    __slots__ = ("_public_id", "_value")
+    __slots__ = ("_public_id", "_template", "_value")
 
     def __init__(self, public_id: str) -> None:
         self._public_id = public_id
         self._value = _encoded_id(public_id)
+        # The stream's chunk shape, from the last plain chunk parsed (gateway.chunk_template):
+        # a chunk of that shape needs no parse.
+        self._template: ChunkTemplate | None = None
 
     def event(self, event: bytes) -> tuple[bytes, Any, bytes] | None:
         """(what to send, the parsed payload, the JSON data as sent), or None: not the
@@ -314,6 +320,11 @@ class ModelSwap:
         its bytes: `event` and the relay's usage check in one pass, without the tuple or the
         payload kept. None for anything else, which takes the general path. (A paced stream
         reads one event at a time, and this is its per-event work.)"""
+        template = self._template
+        if template is not None and chunk[-2:] == b"\n\n":
+            text = template.text(chunk, len(chunk) - 2)
+            if text is not None:
+                return chunk if template.same else template.out(text)
         if (
             chunk[:6] != b"data: "
             or chunk.find(b"\n") != len(chunk) - 2
@@ -330,16 +341,25 @@ class ModelSwap:
         if payload is None:
             return None
         model = payload["model"]
+        at = data.find(b'"model"')
+        span = None if data.find(b'"model"', at + 7) != -1 else _model_value(data, at, True)
         if model == self._public_id:
+            if span is not None:
+                self._learn(chunk[:-2], model, span, data[span[0] : span[1]])
             return chunk
         value = self._value
-        at = data.find(b'"model"')
-        if value is None or data.find(b'"model"', at + 7) != -1:
+        if value is None or span is None:
             return None
-        span = _model_value(data, at, True)
-        if span is None:
-            return None
+        self._learn(chunk[:-2], model, span, value)
         return b"".join((b"data: ", data[: span[0]], value, data[span[1] :], b"\n\n"))
+
+    def _learn(self, line: bytes, model: str, span: tuple[int, int], value: bytes) -> None:
+        """A plain chunk's shape, for the chunks after it (`span`: its model's JSON in its
+        data, `value`: what the relay puts there). A chunk with no shape to learn keeps the
+        one learned before."""
+        learned = learn_template(line, model, (span[0] + 6, span[1] + 6), value)
+        if learned is not None:
+            self._template = learned
 
     def whole_events(
         self, chunk: bytes, stop_at_usage: bool = False
@@ -370,21 +390,39 @@ class ModelSwap:
         with_usage: list[tuple[dict, bytes]] = []
         for part in parts:
             if part != b"data: [DONE]":
-                data = part[6:]
-                payload = _plain_chunk(part, data)
-                if payload is None:
-                    return None
-                if "usage" in payload:
-                    if stop_at_usage:
-                        break
-                    with_usage.append((payload, data))
+                template = self._template
+                if template is not None and template.text(part, len(part)) is not None:
+                    model = template.model  # and no usage: the template's bytes have none
+                else:
+                    data = part[6:]
+                    payload = _plain_chunk(part, data)
+                    if payload is None:
+                        return None
+                    model = payload["model"]
+                    if "usage" in payload:
+                        if stop_at_usage:
+                            break
+                        with_usage.append((payload, data))
+                    else:
+                        self._learn_part(part, data, model)
                 documents += 1
-                if payload["model"] != public_id:
-                    old = payload["model"]
+                if model != public_id:
+                    old = model
                     swaps += 1
             end += len(part) + 2
         out = self._swapped(chunk if end == len(chunk) else chunk[:end], documents, old, swaps)
         return None if out is None else (out, with_usage, end)
+
+    def _learn_part(self, part: bytes, data: bytes, model: str) -> None:
+        """`_learn` for one of whole_events' parts: its model member found as whole_event
+        finds it (one `"model"`, a plain string), the value the swap puts there."""
+        at = data.find(b'"model"')
+        if data.find(b'"model"', at + 7) != -1:
+            return
+        span = _model_value(data, at, True)
+        value = data[span[0] : span[1]] if span and model == self._public_id else self._value
+        if span is not None and value is not None:
+            self._learn(part, model, span, value)
 
     def _swapped(self, events: bytes, documents: int, old: str | None, swaps: int) -> bytes | None:
         """whole_events' swap, where the counts prove it exact."""
