@@ -299,21 +299,34 @@ class _EventRewriter:
         found = self._swap.whole_events(chunk, self._strip_usage)
         if found is None:
             return None
-        out, with_usage, end = found
+        out, with_usage, end, stopped = found
         for payload, data in with_usage:
             self._note_usage(payload, data)
         if end == len(chunk):
             return out
+        sent = [out]
+        if stopped is not None:  # the event whose usage is stripped: parsed already
+            payload, data = stopped
+            event = chunk[end : end + len(data) + 8]  # `data: `, the JSON, LF LF
+            end += len(event)
+            swapped = self._swap.parsed_event(event, data, payload)
+            kept = self._event(event) if swapped is None else self._kept(*swapped)
+            if kept is not None:
+                sent.append(kept)
         rest = self._splitter.feed(chunk[end:])
-        return out + b"".join(kept for event in rest if (kept := self._event(event)) is not None)
+        sent += [kept for event in rest if (kept := self._event(event)) is not None]
+        return b"".join(sent)
 
     def _event(self, event: bytes) -> bytes | None:
         swapped = self._swap.event(event)
         if swapped is None:
             rewritten = rewrite_event(event, self._public_id)
-            data, payload, source = rewritten.data, rewritten.payload, rewritten.source
-        else:
-            data, payload, source = swapped
+            return self._kept(rewritten.data, rewritten.payload, rewritten.source)
+        return self._kept(*swapped)
+
+    def _kept(self, data: bytes, payload: Any, source: bytes) -> bytes | None:
+        """What to send for an event rewritten to `data` (its payload parsed from `source`,
+        its JSON as the backend sent it): usage read, and stripped where the gateway asked."""
         if self._on_created is not None:
             self._created(payload)
         # `usage` is read only where it can be: its key in the bytes, or escapes

@@ -286,11 +286,16 @@ def rewrite_event(event: bytes, public_id: str) -> RewrittenEvent:
     return _rewrite_event_slowly(event, public_id)
 
 
+# Templates learned with none of them recognising a chunk before a stream is not learned from
+# again. A stream needs two at most: its first chunk (the role) and its first text.
+_LEARNING_TRIES = 4
+
+
 class ModelSwap:
     """`rewrite_event`'s fast path for one stream: the public id's JSON is encoded once per
     stream, and no RewrittenEvent is made per event."""
 
-    __slots__ = ("_public_id", "_template", "_value")
+    __slots__ = ("_learned", "_public_id", "_template", "_value")
 
     def __init__(self, public_id: str) -> None:
         self._public_id = public_id
@@ -298,6 +303,7 @@ class ModelSwap:
         # The stream's chunk shape, from the last plain chunk parsed (gateway.chunk_template):
         # a chunk of that shape needs no parse.
         self._template: ChunkTemplate | None = None
+        self._learned = 0  # templates learned since the last chunk one of them recognised
 
     def event(self, event: bytes) -> tuple[bytes, Any, bytes] | None:
         """(what to send, the parsed payload, the JSON data as sent), or None: not the
@@ -324,6 +330,7 @@ class ModelSwap:
         if template is not None and chunk[-2:] == b"\n\n":
             text = template.text(chunk, len(chunk) - 2)
             if text is not None:
+                self._learned = 0
                 return chunk if template.same else template.out(text)
         if (
             chunk[:6] != b"data: "
@@ -356,19 +363,24 @@ class ModelSwap:
     def _learn(self, line: bytes, model: str, span: tuple[int, int], value: bytes) -> None:
         """A plain chunk's shape, for the chunks after it (`span`: its model's JSON in its
         data, `value`: what the relay puts there). A chunk with no shape to learn keeps the
-        one learned before."""
+        one learned before. A stream whose chunks differ in more than their text (a stamp in
+        each id, say) is not learned from again after a few tries: each costs a microsecond."""
+        if self._learned >= _LEARNING_TRIES:
+            return
         learned = learn_template(line, model, (span[0] + 6, span[1] + 6), value)
         if learned is not None:
             self._template = learned
+            self._learned += 1
 
     def whole_events(
         self, chunk: bytes, stop_at_usage: bool = False
-    ) -> tuple[bytes, list[tuple[dict, bytes]], int] | None:
+    ) -> tuple[bytes, list[tuple[dict, bytes]], int, tuple[dict, bytes] | None] | None:
         """`whole_event` for a chunk of several whole common events (what a backend that
         sends its events back to back gives in one read): (what to send for the events up
-        to `end`, the payloads among them that carry `usage` with their JSON data, `end`), or
-        None for the general path. `end` is the chunk's length, or with `stop_at_usage` where
-        the first event with `usage` starts (that one and the rest are the caller's).
+        to `end`, the payloads among them that carry `usage` with their JSON data, `end`,
+        `stopped`), or None for the general path. `end` is the chunk's length, or with
+        `stop_at_usage` where the first event with `usage` starts (that one and the rest are
+        the caller's; `stopped` is that event's payload and JSON data, already parsed).
 
         Every JSON event is still parsed (an event that is not valid JSON passes unchanged),
         but the swap is one `replace` over the chunk instead of a splice per event. It is
@@ -388,10 +400,12 @@ class ModelSwap:
         old: str | None = None
         swaps = documents = end = 0
         with_usage: list[tuple[dict, bytes]] = []
+        stopped = None
         for part in parts:
             if part != b"data: [DONE]":
                 template = self._template
                 if template is not None and template.text(part, len(part)) is not None:
+                    self._learned = 0
                     model = template.model  # and no usage: the template's bytes have none
                 else:
                     data = part[6:]
@@ -401,6 +415,7 @@ class ModelSwap:
                     model = payload["model"]
                     if "usage" in payload:
                         if stop_at_usage:
+                            stopped = (payload, data)
                             break
                         with_usage.append((payload, data))
                     else:
@@ -411,7 +426,15 @@ class ModelSwap:
                     swaps += 1
             end += len(part) + 2
         out = self._swapped(chunk if end == len(chunk) else chunk[:end], documents, old, swaps)
-        return None if out is None else (out, with_usage, end)
+        return None if out is None else (out, with_usage, end, stopped)
+
+    def parsed_event(
+        self, event: bytes, data: bytes, payload: dict
+    ) -> tuple[bytes, Any, bytes] | None:
+        """`event` for a common event already parsed (`data`, its JSON, read to `payload`,
+        a dict with a string `model`), as whole_events hands one over: the same answer."""
+        out = _swap_chunk_model(event, data, payload, self._public_id, self._value)
+        return None if out is None else (out, payload, data)
 
     def _learn_part(self, part: bytes, data: bytes, model: str) -> None:
         """`_learn` for one of whole_events' parts: its model member found as whole_event

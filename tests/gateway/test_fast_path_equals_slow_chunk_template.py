@@ -128,3 +128,16 @@ def test_a_paced_stream_is_relayed_by_its_template() -> None:
     for word in (b" a", b" b", b" c"):
         assert rewriter.feed(_chunk(word)) == _chunk(word).replace(b"real-model", b"public")
         assert rewriter._swap._template is learned
+
+
+def test_a_stream_whose_chunks_vary_elsewhere_stops_being_learned_from() -> None:
+    """Chunks that differ in more than their text (each id its own) never match the last
+    template: after a few tries, none is learned, and every chunk is still sent right."""
+    swap = ModelSwap("public")
+    learned = []
+    for n in range(10):
+        chunk = _chunk(b"x").replace(b"chatcmpl-1", b"chatcmpl-%d" % n)
+        assert swap.whole_event(chunk) == chunk.replace(b"real-model", b"public")
+        learned.append(swap._template)
+    assert len({id(t) for t in learned}) == 4  # then the fourth one stays
+    assert learned[3] is learned[-1]

@@ -363,7 +363,9 @@ def test_relay_whole_events_path_is_taken() -> None:
     assert [data for _, data in found[1]] == [usage[6:-2]]
     assert found[2] == len(chunk)
     head = swap.whole_events(chunk, stop_at_usage=True)
-    assert head == ((event + mine).replace(b'"real-model"', b'"public"'), [], len(event + mine))
+    assert head is not None
+    assert head[:3] == ((event + mine).replace(b'"real-model"', b'"public"'), [], len(event + mine))
+    assert head[3] == (json.loads(usage[6:-2]), usage[6:-2])  # handed over parsed
     for other in (
         event + b'data: {"model":"other","choices":[]}\n\n',  # two upstream models
         event + b'data: {"model":"real-model","choices":[{"model":"x"}]}\n\n',
