@@ -11,10 +11,11 @@ completion, or with `"stream": true` `STREAM_EVENTS` SSE events (one send() each
 - `X-Bench-Interval: S`: one event every S seconds (the first at once). Without
   `X-Bench-Events` such a stream is held, its middle events repeated, until
   `POST /_release` ends every held stream normally (its last event, then [DONE]).
-- `X-Bench-Stamp: 1` (paced streams): each event's `id` carries, in place of its 32 hex
-  digits, the backend's CLOCK_MONOTONIC in nanoseconds when it was sent (`STAMP_MARK`, then
-  32 decimal digits), so that a client on the same machine reads each event's latency; the
-  events keep their size.
+- `X-Bench-Stamp: 1` (paced streams): each event's text is the backend's CLOCK_MONOTONIC in
+  nanoseconds when it was sent (`STAMP_MARK`, then 32 decimal digits), so that a client on the
+  same machine reads each event's latency; the last event has a text too, as vLLM's may. The
+  stamp is in the text, the one part of a real stream's chunks that changes from one to the
+  next (their `id`, `created` and fingerprint are the stream's): 30 bytes more per event.
 
 `POST /_chaos {"mode": M, "seconds": S}` makes it misbehave for S seconds (the soak's chaos):
 `500`/`503` answer that status, `stall` accepts requests and sends nothing for
@@ -44,9 +45,10 @@ EVENTS_HEADER = "X-Bench-Events"
 INTERVAL_HEADER = "X-Bench-Interval"
 STAMP_HEADER = "X-Bench-Stamp"
 _CHUNK_ID = "chatcmpl-bench-4f1c2a9e8b7d6c5e4f3a2b1c0d9e8f7a"
-# A stamped event's id: this, then the send time (time.monotonic_ns(), 32 digits).
-STAMP_MARK = b'"id":"chatcmpl-bench-'
-_STAMPED = STAMP_MARK + _CHUNK_ID.removeprefix("chatcmpl-bench-").encode()
+# A stamped event's text: this, then the send time (time.monotonic_ns(), 32 digits).
+STAMP_MARK = b'"content":"sent '
+_STAMP_TEXT = "sent " + "0" * 32  # the placeholder the backend writes each stamp over
+_STAMPED = STAMP_MARK + b"0" * 32
 STALL_HOLD = 60.0  # how long a stalled backend holds a request before it drops it
 CHAOS_MODES = {"ok", "500", "503", "stall", "midstream", "cut"}
 _COMPACT = (",", ":")
@@ -99,11 +101,13 @@ def chat_request_body(model: str, stream: bool) -> bytes:
     ).encode()
 
 
-def stream_events(model: str, count: int) -> list[bytes]:
-    """`count` SSE chunk events of about 250 bytes each (the last one finishes, with usage)."""
+def stream_events(model: str, count: int, stamped: bool = False) -> list[bytes]:
+    """`count` SSE chunk events of about 250 bytes each (the last one finishes, with usage);
+    `stamped`: each one's text is the stamp's placeholder (`_STAMP_TEXT`)."""
     events = []
     for i in range(count):
         last = i == count - 1
+        text = _STAMP_TEXT if stamped else None if last else f" word{i:02d}"
         chunk: dict[str, Any] = {
             "id": _CHUNK_ID,
             "object": "chat.completion.chunk",
@@ -113,7 +117,7 @@ def stream_events(model: str, count: int) -> list[bytes]:
             "choices": [
                 {
                     "index": 0,
-                    "delta": {} if last else {"content": f" word{i:02d}"},
+                    "delta": {} if text is None else {"content": text},
                     "logprobs": None,
                     "finish_reason": "stop" if last else None,
                 }
@@ -163,7 +167,7 @@ class _Answers:
 
     def __init__(self) -> None:
         self.plain: dict[bytes, bytes] = {}
-        self.events: dict[tuple[bytes, int], list[bytes]] = {}
+        self.events: dict[tuple[bytes, int, bool], list[bytes]] = {}
 
     def completion(self, model: bytes) -> bytes:
         answer = self.plain.get(model)
@@ -175,16 +179,17 @@ class _Answers:
             )
         return answer
 
-    def stream(self, model: bytes, count: int) -> list[bytes]:
+    def stream(self, model: bytes, count: int, stamped: bool = False) -> list[bytes]:
         """The head, then each event as one HTTP chunk, then [DONE] and the last chunk."""
-        chunks = self.events.get((model, count))
+        chunks = self.events.get((model, count, stamped))
         if chunks is None:
             head = (
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                 b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
             )
-            events = [_chunk(event) for event in stream_events(model.decode(), count)]
-            chunks = self.events[(model, count)] = [head, *events, _chunk(DONE) + b"0\r\n\r\n"]
+            events = [_chunk(event) for event in stream_events(model.decode(), count, stamped)]
+            chunks = [head, *events, _chunk(DONE) + b"0\r\n\r\n"]
+            self.events[(model, count, stamped)] = chunks
         return chunks
 
 
@@ -267,12 +272,15 @@ class BackendProtocol(asyncio.Protocol):
             return
         lowered = head.lower()
         count = int(_header_number(lowered, _EVENTS))
-        chunks = self.answers.stream(model, min(max(count, 1), 10_000) if count else STREAM_EVENTS)
+        interval = min(_header_number(lowered, _INTERVAL), 60.0)
+        # Stamps are read per event: only in a paced stream of a known length.
+        stamped = bool(interval and count and _header_number(lowered, _STAMP))
+        events = min(max(count, 1), 10_000) if count else STREAM_EVENTS
+        chunks = self.answers.stream(model, events, stamped)
         if _CONTINUED.search(body):
             # Stream resume's continuation: the events the client has are left out.
             given = min(continued_events(body), len(chunks) - 3)
             chunks = [chunks[0], *chunks[1 + given :]]
-        interval = min(_header_number(lowered, _INTERVAL), 60.0)
         if not interval:
             # As fast as it can, but one send() per event, as a model server flushes each one.
             for chunk in chunks:
@@ -280,7 +288,7 @@ class BackendProtocol(asyncio.Protocol):
             return
         # Paced: the head and the first event now, then one event every `interval` s.
         self.chunks, self.interval, self.held_open = chunks, interval, not count
-        self.stamped = bool(_header_number(lowered, _STAMP))
+        self.stamped = stamped
         if self.held_open:
             self.held.add(self)
         transport.write(chunks[0])

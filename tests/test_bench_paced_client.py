@@ -4,11 +4,14 @@ that does not name the model asked for is an error, not a count."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -60,3 +63,29 @@ def test_a_stream_for_another_model_is_an_error(backend_port: tuple[int, int]) -
     run = run_async(paced_streams(proxy, pid, 4, 3, 0.01, 0.3, 0.05, 5.0))
     assert run.completed == 0
     assert run.errors["events do not name the model asked for"] > 0
+
+
+def test_a_stamped_stream_is_a_stream_openai_could_send(backend_port: tuple[int, int]) -> None:
+    """The stamp is in each chunk's text: the chunks keep one id, one `created` and one
+    fingerprint, as the spec says a stream's chunks do, and every event carries a stamp."""
+    port, _ = backend_port
+
+    async def fetch() -> bytes:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": "real-model", "messages": [], "stream": True},
+                headers={"X-Bench-Events": "5", "X-Bench-Interval": "0.001", "X-Bench-Stamp": "1"},
+            ) as response,
+        ):
+            return await response.read()
+
+    events = run_async(fetch()).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in events[:-2]]
+    assert len(chunks) == 5
+    assert len({(c["id"], c["created"], c["system_fingerprint"]) for c in chunks}) == 1
+    texts = [c["choices"][0]["delta"]["content"] for c in chunks]
+    assert all(re.fullmatch(r"sent \d{32}", text) for text in texts), texts
+    assert len(set(texts)) == 5  # stamped as sent, not the placeholder
