@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.buffered_read import take_buffered
 from gateway.middleware import RequestRecord
 from gateway.redact import Redactor
 from gateway.resume import Splice, StreamWatch
@@ -226,7 +227,7 @@ async def _pump_events(
                 await response.write(out)
         guarded = deadline.arm(idle)
         try:
-            chunk = await content.readany()
+            chunk = take_buffered(content) or await content.readany()
         except (asyncio.CancelledError, aiohttp.ClientError, OSError) as exc:
             error = reader.failure(exc, guarded)
             if error is None:

@@ -13,6 +13,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.buffered_read import take_buffered
 from gateway.config import Timeouts
 from gateway.routing import Hop, Target
 
@@ -339,7 +340,7 @@ class BodyReader:
         deadline = self.deadline
         guarded = deadline.arm(self.idle)
         try:
-            return await self.content.readany()
+            return take_buffered(self.content) or await self.content.readany()
         except (asyncio.CancelledError, aiohttp.ClientError, OSError) as exc:
             error = self.failure(exc, guarded)
             if error is None:
